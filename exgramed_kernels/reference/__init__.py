@@ -1,0 +1,8 @@
+"""Pure-PyTorch reference implementations of every exgramed op.
+
+They are the oracle the tests compare the kernels against (run them in float64), the
+baseline the benchmarks measure, and the kernels used when the extension is not built.
+"""
+from .knn import knn_graph
+
+__all__ = ["knn_graph"]
