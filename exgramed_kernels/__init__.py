@@ -1,10 +1,10 @@
 """exgramed_kernels: batched kernels for ExGra-Med's multi-graph alignment.
 
 Ops live under ``torch.ops.exgramed``; the functions here are their documented entry points.
+One import line per op module (branches append lines; see .gitattributes).
 """
-from . import _backend, reference
-from ._backend import HAS_EXTENSION
-from .knn import knn_graph, reverse_neighbors
+from . import _backend, reference  # noqa: F401
+from ._backend import HAS_EXTENSION  # noqa: F401
+from .knn import knn_graph, reverse_neighbors  # noqa: F401
 
-__all__ = ["HAS_EXTENSION", "knn_graph", "reference", "reverse_neighbors"]
 __version__ = "0.1.0"

@@ -2,7 +2,6 @@
 
 They are the oracle the tests compare the kernels against (run them in float64), the
 baseline the benchmarks measure, and the kernels used when the extension is not built.
+One import line per op module (branches append lines; see .gitattributes).
 """
-from .knn import knn_graph
-
-__all__ = ["knn_graph"]
+from .knn import knn_graph, pairwise_distance  # noqa: F401
