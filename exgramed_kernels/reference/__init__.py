@@ -5,3 +5,4 @@ baseline the benchmarks measure, and the kernels used when the extension is not 
 One import line per op module (branches append lines; see .gitattributes).
 """
 from .knn import knn_graph, pairwise_distance  # noqa: F401
+from .graph_conv import graph_conv  # noqa: F401
