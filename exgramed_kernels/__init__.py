@@ -8,3 +8,4 @@ from ._backend import HAS_EXTENSION  # noqa: F401
 from .knn import knn_graph, reverse_neighbors  # noqa: F401
 
 __version__ = "0.1.0"
+from .graph_conv import GraphConvNet, graph_conv  # noqa: F401
