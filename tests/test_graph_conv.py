@@ -378,3 +378,18 @@ def test_triton_matches_reference(aggr, reverse):
     g2 = torch.autograd.grad(ref, (x, w), go)
     for a, c in zip(g1, g2):
         assert rel_err(a, c) < 1e-5
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_opcheck():
+    from exgramed_kernels.triton.graph_conv import graph_conv_forward_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, nbr, w, b = make_inputs(2, 5, 2, 3, 2, torch.float32, device, seed=15)
+    args = (x.requires_grad_(True), nbr, w[:3].clone().requires_grad_(True), w[3:].clone(), b, "max", True, True)
+    # The CPU interpreter cannot run a kernel on the fake tensors that AOT tracing of a
+    # triton_op feeds it, so that one check needs a GPU.
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if torch.cuda.is_available():
+        utils.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(graph_conv_forward_triton, args, test_utils=utils)
