@@ -143,7 +143,8 @@ def main():
            "CPU time of the process (`time.process_time`): the machine is shared by several jobs, so wall-clock "
            "times there measure the other jobs; with one thread the CPU time is the work done."),
         "",
-        "* ours: `exgramed_kernels.GraphConvNet` (one `torch.ops.exgramed.graph_conv` per layer for all graphs, one GEMM over `[x | agg]`)",
+        "* ours: `exgramed_kernels.GraphConvNet` (one `torch.ops.exgramed.graph_conv_stacked` per layer for all graphs, "
+        "one GEMM over `[x | agg]` with the stacked `[W_root; W_rel]`)",
         "* pyg: two `torch_geometric.nn.GraphConv(aggr=\"max\")` applied graph by graph",
         "* floor: the bare linear layers `relu(x @ W_root + x @ W_rel + b)` on all G*N rows (no aggregation)",
         "",
