@@ -169,19 +169,22 @@ def test_stacked_weight_op(aggr):
         torch.ops.exgramed.graph_conv_stacked(x, nbr, w[1:], b, aggr)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_max_tie_rule_lowest_index(reverse):
+def test_max_tie_rule_lowest_index(reverse, device):
     # Integer features make every neighbourhood full of ties: the gradient of each (node,
     # feature) goes to exactly one neighbour, the lowest-index maximiser.
     G, N, k, d = 2, 8, 3, 4
     gen = torch.Generator().manual_seed(5)
-    x = torch.randint(0, 2, (G, N, d), generator=gen).double().requires_grad_(True)
+    x = torch.randint(0, 2, (G, N, d), generator=gen).double()
     nbr = random_table(G, N, k, seed=5)
-    eye = torch.eye(d, dtype=torch.float64)
-    zero = torch.zeros(d, d, dtype=torch.float64)
-    out = ek.graph_conv(x, nbr, zero, eye, None, "max", reverse)
+    eye = torch.eye(d, dtype=torch.float64, device=device)
+    zero = torch.zeros(d, d, dtype=torch.float64, device=device)
+    xd = x.to(device).requires_grad_(True)
+    out = ek.graph_conv(xd, nbr.to(device), zero, eye, None, "max", reverse)
     go = torch.randint(1, 64, (G, N, d), generator=gen).double() / 64  # sums of these are exact
-    (gx,) = torch.autograd.grad(out, x, go)
+    (gx,) = torch.autograd.grad(out, xd, go.to(device))
+    out, gx = out.detach().cpu(), gx.cpu()
     expect = torch.zeros_like(gx)
     for g in range(G):
         for i in range(N):
