@@ -28,8 +28,20 @@ struct Problem {
   const int64_t* nbr2 = nullptr;
   bool partial = false;
   std::vector<int64_t> in1_ptr, in1_e, in2_ptr, in2_f;
+  std::vector<char> near1;  // near1[i*N+j]: an edge of graph 1 joins i and j, or a self-loop sits on i or j
 
   void build_reverse() {
+    near1.assign(N * N, 0);
+    std::vector<char> loop(N, 0);
+    for (int64_t e = 0; e < Nk; ++e) {
+      const int64_t i = e / k, j = nbr1[e];
+      near1[i * N + j] = near1[j * N + i] = 1;
+      if (i == j) loop[i] = 1;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (!loop[i]) continue;
+      for (int64_t j = 0; j < N; ++j) near1[i * N + j] = near1[j * N + i] = 1;
+    }
     auto rev = [&](const int64_t* nbr, std::vector<int64_t>& ptr, std::vector<int64_t>& lst) {
       ptr.assign(N + 1, 0);
       for (int64_t e = 0; e < Nk; ++e) ++ptr[nbr[e] + 1];
@@ -185,50 +197,49 @@ double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol) 
   return best_f;
 }
 
-// Log-domain Sinkhorn of S / T (N x N, or 2N x 2N with zero-score dummies for partial) into w.X.
+// Sinkhorn of exp(grad f / T) (N x N, or 2N x 2N with zero-score dummies for partial) into
+// w.X (and the extended matrix into w.L for partial). Exponentials are taken once, shifted by
+// each row's maximum (every row keeps an entry 1); the sweeps are multiplicative. A line whose
+// entries all underflow gets scale 0 (it stays 0) instead of a division by zero.
 template <typename qt>
 void sinkhorn(const Problem<qt>& p, Work& w, double T) {
   const int64_t N = p.N, M = p.partial ? 2 * N : N;
-  double* L = w.L.data();
+  double* K = w.L.data();
   for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < M; ++j) L[i * M + j] = (i < N && j < N) ? w.gf[i * N + j] / T : 0.0;
+    double mx = 0.0;  // dummy entries have score 0
+    if (i < N) {
+      mx = p.partial ? 0.0 : -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < N; ++j) mx = std::max(mx, w.gf[i * N + j]);
+    }
+    for (int64_t j = 0; j < M; ++j) K[i * M + j] = std::exp((((i < N && j < N) ? w.gf[i * N + j] : 0.0) - mx) / T);
   }
-  std::vector<double>& cm = w.colmax;
   std::vector<double> cs(M);
   for (int64_t sweep = 0; sweep < kSinkhornInner; ++sweep) {
     for (int64_t i = 0; i < M; ++i) {
-      double* r = L + i * M;
-      const double mx = *std::max_element(r, r + M);
+      double* r = K + i * M;
       double s = 0.0;
-      for (int64_t j = 0; j < M; ++j) s += std::exp(r[j] - mx);
-      const double lse = mx + std::log(s);
-      for (int64_t j = 0; j < M; ++j) r[j] -= lse;
-    }
-    std::fill(cm.begin(), cm.begin() + M, -std::numeric_limits<double>::infinity());
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = 0; j < M; ++j) cm[j] = std::max(cm[j], L[i * M + j]);
+      for (int64_t j = 0; j < M; ++j) s += r[j];
+      const double sc = s >= std::numeric_limits<double>::min() ? 1.0 / s : 0.0;
+      for (int64_t j = 0; j < M; ++j) r[j] *= sc;
     }
     std::fill(cs.begin(), cs.end(), 0.0);
     for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = 0; j < M; ++j) cs[j] += std::exp(L[i * M + j] - cm[j]);
+      for (int64_t j = 0; j < M; ++j) cs[j] += K[i * M + j];
     }
-    for (int64_t j = 0; j < M; ++j) cs[j] = cm[j] + std::log(cs[j]);
+    for (int64_t j = 0; j < M; ++j) cs[j] = cs[j] >= std::numeric_limits<double>::min() ? 1.0 / cs[j] : 0.0;
     for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = 0; j < M; ++j) L[i * M + j] -= cs[j];
+      for (int64_t j = 0; j < M; ++j) K[i * M + j] *= cs[j];
     }
   }
   for (int64_t i = 0; i < N; ++i) {
-    for (int64_t j = 0; j < N; ++j) w.X[i * N + j] = std::exp(L[i * M + j]);
-  }
-  if (p.partial) {
-    for (int64_t x = 0; x < M * M; ++x) L[x] = std::exp(L[x]);
+    for (int64_t j = 0; j < N; ++j) w.X[i * N + j] = K[i * M + j];
   }
 }
 
-// Graduated assignment from w.X: X <- Sinkhorn(exp(grad f(X) / T)), T from the first
-// gradient's range down to kSinkhornTRatio of it geometrically; each iterate rounded by LAP.
+// Graduated assignment from w.X: X <- Sinkhorn(exp(grad f(X) / T)), T from t_scale times the
+// first gradient's range down to kSinkhornTRatio of it geometrically; each iterate rounded by LAP.
 template <typename qt>
-double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, double tol) {
+double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, double tol, double t_scale) {
   const int64_t N = p.N, NN = N * N;
   double best_f = -std::numeric_limits<double>::infinity();
   double T0 = 1.0;
@@ -238,7 +249,7 @@ double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, dou
     for (int64_t x = 0; x < NN; ++x) w.gf[x] = p.U[x] + w.gq[x];
     if (it == 0) {
       const auto mm = std::minmax_element(w.gf.begin(), w.gf.begin() + NN);
-      T0 = *mm.second - *mm.first > 0 ? *mm.second - *mm.first : 1.0;
+      T0 = t_scale * (*mm.second - *mm.first > 0 ? *mm.second - *mm.first : 1.0);
     }
     const double T = T0 * std::pow(kSinkhornTRatio, double(it) / double(std::max<int64_t>(1, max_iter - 1)));
     std::copy(w.X.begin(), w.X.begin() + NN, prev.begin());
@@ -304,9 +315,8 @@ double polish(const Problem<qt>& p, Work& w) {
           return 0.0;
         };
         double delta = u(i, b) + u(j, a) - u(i, a) - u(j, b);
-        if (k > 0) {
+        if (k > 0 && i < N && j < N && p.near1[i * N + j]) {  // q(D) = 0 unless i, j share an edge
           for (const int64_t x : {i, j}) {
-            if (x >= N) continue;
             for (int64_t s = 0; s < k; ++s) {
               const int64_t e = x * k + s, y = p.nbr1[e];
               if (y != i && y != j) continue;
@@ -390,7 +400,8 @@ void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, in
   if (method == QapMethod::FW) {
     frank_wolfe(p, w, max_iter, tol);
   } else {
-    graduated_assignment(p, w, max_iter, tol);
+    // Starts also differ in the initial temperature (annealing forgets a hot start).
+    graduated_assignment(p, w, max_iter, tol, std::pow(0.5, double(r % 6)));
   }
   *out_f = polish(p, w);
   std::copy(w.best.begin(), w.best.begin() + N, out_perm);
