@@ -99,6 +99,20 @@ def _qap_solve_reference(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", m
     return reference.qap_solve(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed)
 
 
+@torch.library.register_fake("exgramed::qap_solve_batched")
+def _qap_solve_batched_fake(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6,
+                            restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0):
+    return _qap_solve_fake(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator,
+                           lambda_)
+
+
+@register_fallback("qap_solve_batched")
+def _qap_solve_batched_reference(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6,
+                                 restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0):
+    return _qap_solve_reference(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed,
+                                estimator, lambda_)
+
+
 def check_gradient_args(X, nbr1, nbr2, Q, check_values=True) -> None:
     p = "qap_gradient: "
     if X.dim() not in (3, 4) or X.shape[-1] != X.shape[-2]:
