@@ -85,6 +85,32 @@ void grad_q(const Problem<qt>& p, const double* X, double* out, double* xg) {
   }
 }
 
+// out = grad q(P) of a (partial) permutation, perm[i] = column of row i or -1: O(N^2 + N k^2)
+// instead of O(N^2 k^2), as P has one entry per row. Needs the reverse lists.
+template <typename qt>
+void grad_q_perm(const Problem<qt>& p, const int64_t* perm, double* out) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk;
+  std::fill(out, out + N * N, 0.0);
+  for (int64_t x = 0; x < N; ++x) {
+    double* ox = out + x * N;
+    // source term: P[t1(e), t2(f)] = 1 for the in-edges f of perm[t1(e)]
+    for (int64_t s = 0; s < k; ++s) {
+      const int64_t e = x * k + s, b = perm[p.nbr1[e]];
+      if (b < 0) continue;
+      for (int64_t q = p.in2_ptr[b]; q < p.in2_ptr[b + 1]; ++q) {
+        const int64_t f = p.in2_f[q];
+        ox[f / k] += static_cast<double>(p.Q[e * Nk + f]);
+      }
+    }
+    // target term: P[s1(e), s2(f)] = 1 for the out-edges f of perm[s1(e)]
+    for (int64_t q = p.in1_ptr[x]; q < p.in1_ptr[x + 1]; ++q) {
+      const int64_t e = p.in1_e[q], a = perm[e / k];
+      if (a < 0) continue;
+      for (int64_t t = 0; t < k; ++t) ox[p.nbr2[a * k + t]] += static_cast<double>(p.Q[e * Nk + a * k + t]);
+    }
+  }
+}
+
 // q(P) of a (partial) permutation, perm[i] = column of row i or -1: O(N k^2).
 template <typename qt>
 double quad_perm(const Problem<qt>& p, const int64_t* perm) {
@@ -170,8 +196,10 @@ template <typename qt>
 double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol) {
   const int64_t N = p.N, NN = N * N;
   double best_f = -std::numeric_limits<double>::infinity();
+  // grad q is linear: after the dense start, grad q(X + t (P - X)) = (1 - t) grad q(X) + t grad q(P),
+  // and grad q(P) of a vertex costs O(N k^2).
+  grad_q(p, w.X.data(), w.gq.data(), w.xg.data());
   for (int64_t it = 0; it < max_iter; ++it) {
-    grad_q(p, w.X.data(), w.gq.data(), w.xg.data());
     for (int64_t x = 0; x < NN; ++x) w.gf[x] = p.U[x] + w.gq[x];
     vertex_oracle(p, w.gf.data(), w, it > 0, w.P.data());
     keep_if_better(p, w.P.data(), best_f, w.best.data());
@@ -185,6 +213,8 @@ double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol) 
     for (int64_t i = 0; i < N; ++i) {
       if (w.P[i] >= 0) w.X[i * N + w.P[i]] += t;
     }
+    grad_q_perm(p, w.P.data(), w.S.data());
+    for (int64_t x = 0; x < NN; ++x) w.gq[x] = (1.0 - t) * w.gq[x] + t * w.S[x];
   }
   vertex_oracle(p, w.X.data(), w, false, w.P.data());  // the rounding of the last iterate
   keep_if_better(p, w.P.data(), best_f, w.best.data());
@@ -288,11 +318,7 @@ double polish(const Problem<qt>& p, Work& w) {
     std::copy(w.best.begin(), w.best.begin() + N, ext);
   }
   double* G = w.gq.data();
-  std::fill(w.X.begin(), w.X.begin() + N * N, 0.0);
-  for (int64_t i = 0; i < N; ++i) {
-    if (ext[i] < N) w.X[i * N + ext[i]] = 1.0;
-  }
-  grad_q(p, w.X.data(), G, w.xg.data());
+  grad_q_perm(p, w.best.data(), G);
   double cur = objective_perm(p, w.best.data());
   const double thr = 1e-12 * std::max(1.0, std::abs(cur));
   auto u = [&](int64_t x, int64_t y) { return (x < N && y < N) ? p.U[x * N + y] + G[x * N + y] : 0.0; };
