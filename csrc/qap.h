@@ -9,6 +9,7 @@
 // O(N^2 k^2) gather from the N x N Gram matrix (never the N^2 x N^2 Lawler matrix).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
 
 #include <string_view>
@@ -155,7 +156,34 @@ inline at::Tensor implicit_q_dense(const at::Tensor& H1, const at::Tensor& H2, c
     const at::Tensor len = (H.repeat_interleave(k, 1) - tgt).norm(2, {-1});  // [G, N*k], exact differences
     return at::where(len > 0, 1.0 / len, at::zeros_like(len));
   };
-  const at::Tensor w1 = inv_len(h1, nbr1), w2 = inv_len(h2, nbr2);
+  const at::Tensor w1 = inv_len(h1, nbr1).contiguous(), w2 = inv_len(h2, nbr2).contiguous();
+  if (C.device().is_cpu()) {  // one pass, no [G, N*k, N*k] temporaries
+    const at::Tensor Cc = C.contiguous(), a1 = nbr1.contiguous(), a2 = nbr2.contiguous();
+    at::Tensor out = at::empty({G, N * k, N * k}, C.options());
+    const int64_t Nk = N * k;
+    AT_DISPATCH_FLOATING_TYPES(dtype, "implicit_q_dense", [&] {
+      const scalar_t* Cp = Cc.data_ptr<scalar_t>();
+      const scalar_t* w1p = w1.data_ptr<scalar_t>();
+      const scalar_t* w2p = w2.data_ptr<scalar_t>();
+      const int64_t* t1p = a1.data_ptr<int64_t>();
+      const int64_t* t2p = a2.data_ptr<int64_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, G * Nk, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t g = r / Nk, e = r % Nk;
+          const scalar_t* Ci = Cp + (g * N + e / k) * N;
+          const scalar_t* Cj = Cp + (g * N + t1p[r]) * N;
+          const scalar_t we = w1p[r];
+          scalar_t* row = op + r * Nk;
+          for (int64_t f = 0; f < Nk; ++f) {
+            const int64_t a = f / k, b = t2p[g * Nk + f];
+            row[f] = we * w2p[g * Nk + f] * ((Ci[a] - Ci[b]) - (Cj[a] - Cj[b]));
+          }
+        }
+      });
+    });
+    return out;
+  }
   const at::Tensor s1 = at::arange(N, nbr1.options()).repeat_interleave(k).expand({G, N * k});
   const at::Tensor t1 = nbr1.reshape({G, N * k}), t2 = nbr2.reshape({G, N * k});
   // out[g, e, f] = C[g, r[e], c[f]]
