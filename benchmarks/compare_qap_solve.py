@@ -84,7 +84,10 @@ def objective(Z, U, n1, n2, Q):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for every solver (1: a fair single-core comparison on a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     import pygmtools as pygm
     import scipy
     from scipy.optimize import quadratic_assignment

@@ -166,7 +166,8 @@ def qap_gradient(X: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor, Q: tor
         backend: ``"auto"`` (compiled CPU/CUDA kernel) or ``"triton"``.
 
     Returns:
-        X's shape and dtype (accumulated in float64 for float64 X, float32 otherwise).
+        X's shape and dtype. The CPU and CUDA kernels accumulate in float64 (one thread per output on
+        CUDA, gathers only: deterministic); the Triton kernel in float32.
     """
     if backend == "auto":
         return torch.ops.exgramed.qap_gradient(X, nbr1, nbr2, Q)
@@ -217,6 +218,14 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
     Returns:
         ``(Z, obj)``: Z ``[G, N, N]`` 0/1 in U's dtype (a permutation matrix, or a partial one), obj ``[G]``
         = f(Z) in U's dtype (computed in float64).
+
+    Backends: CPU runs one task per (problem, start) in parallel, single-threaded Frank-Wolfe in float64
+    with a warm-started linear assignment and the gradient updated by linearity
+    (grad q(X + t (P - X)) = (1 - t) grad q(X) + t grad q(P), O(N k^2) per vertex). CUDA runs all
+    starts of all problems in lock-step on the device (``qap_solve_batched`` is that driver, also
+    registered on the CPU). The implicit Q is expanded once per call to the dense ``[G, N*k, N*k]``
+    table from the N x N cross Gram matrix (H1, H2 in float32, or float64 if either is float64).
+    Both backends are deterministic; they may return different (equally valid) answers.
     """
     return torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed,
                                         estimator, lambda_)
