@@ -469,3 +469,30 @@ def test_batched_driver_planted_and_degenerate():
                                                       torch.zeros(1, 1, 0, dtype=torch.long))[0]) == 1.0
     torch.library.opcheck(torch.ops.exgramed.qap_solve_batched.default,
                           (U3.float(), n1[:, :3, :0], n1[:, :3, :0]), {"restarts": 2})
+
+
+def test_reference_fallback_without_extension():
+    """With EXGRAMED_NO_EXTENSION=1 the ops are served by the references (same contract, same checks)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, warnings; warnings.simplefilter('ignore');"
+        "import exgramed_kernels as ek; assert not ek.HAS_EXTENSION;"
+        "g = torch.Generator().manual_seed(0);"
+        "U = torch.rand(2, 4, 4, dtype=torch.float64, generator=g);"
+        "n = torch.tensor([[[1], [2], [3], [0]]] * 2);"
+        "Q = torch.rand(2, 4, 4, dtype=torch.float64, generator=g);"
+        "Z, obj = ek.qap_solve(U, n, n, Q, restarts=3);"
+        "assert Z.sum().item() == 8 and torch.allclose(obj, ek.qap_objective(Z, U, n, n, Q));"
+        "c = ek.linear_assignment(U); assert sorted(c[0].tolist()) == [0, 1, 2, 3];"
+        "g2 = ek.qap_gradient(U, n, n, Q); assert g2.shape == U.shape;"
+        "bad = U.clone(); bad[0, 0, 0] = float('nan');\n"
+        "try:\n    ek.qap_solve(bad, n, n, Q)\nexcept RuntimeError as e:\n    assert 'U contains NaN or Inf' in str(e)\n"
+        "else:\n    raise SystemExit('no error')\n"
+    )
+    env = dict(os.environ, EXGRAMED_NO_EXTENSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
