@@ -8,3 +8,5 @@ from ._backend import HAS_EXTENSION  # noqa: F401
 from .knn import knn_graph, reverse_neighbors  # noqa: F401
 
 __version__ = "0.1.0"
+from .assignment import linear_assignment  # noqa: F401
+from .qap import qap_gradient, qap_objective, qap_solve  # noqa: F401
