@@ -10,3 +10,4 @@ from .knn import knn_graph, reverse_neighbors  # noqa: F401
 __version__ = "0.1.0"
 from .assignment import linear_assignment  # noqa: F401
 from .qap import qap_gradient, qap_objective, qap_solve  # noqa: F401
+from .align import MultiGraphAlignment, align  # noqa: F401
