@@ -275,8 +275,9 @@ class MultiGraphAlignment(nn.Module):
             scale 0.5, IMLE lambda 80, no dropout). Any option below overrides either.
         noise_scale: Gumbel scale s of the perturbations (the margin the matching must beat;
             see ``docs/align.md``: 0.05 stalls learning, 0.5 learns).
-        noise_schedule: optional ``step -> scale`` callable (step counts training-mode calls);
-            overrides ``noise_scale``.
+        noise_schedule: optional ``step -> scale`` callable (``step``: training-mode calls so far,
+            a Python int, settable); overrides ``noise_scale``. Under ``torch.compile`` each new
+            scale value is a recompile: prefer schedules that change the scale rarely.
         lambda_, estimator ("imle", "blackbox", "imle_symmetric"), samples (S noise samples
             averaged), mode ("barycenter" or "pairwise"), solver ("fw", "sinkhorn"), max_iter,
             tol, restarts, metric, aggr, reverse, copy_structure, partial, shared_noise,
@@ -284,7 +285,8 @@ class MultiGraphAlignment(nn.Module):
 
     In eval mode there is no dropout; the noise is still sampled (the loss is defined with it)
     unless ``noise_scale`` is 0. Randomness comes from torch's generator, so ``torch.manual_seed``
-    reproduces a step.
+    reproduces a step (under ``torch.compile`` with inductor, whose RNG differs from eager's, set
+    ``torch._inductor.config.fallback_random = True`` to draw exactly eager's noise).
     """
 
     def __init__(self, dim: int, hidden: int | None = None, k: int = 5, *, official: bool = False,
@@ -317,7 +319,7 @@ class MultiGraphAlignment(nn.Module):
         self.w_rel2 = nn.Parameter(torch.empty(hidden, hidden))
         self.bias1 = nn.Parameter(torch.empty(hidden)) if bias else None
         self.bias2 = nn.Parameter(torch.empty(hidden)) if bias else None
-        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=True)
+        self.step = 0  # training-mode calls so far; advanced only when a noise schedule is set
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -332,7 +334,7 @@ class MultiGraphAlignment(nn.Module):
     def current_noise_scale(self) -> float:
         """The Gumbel scale of the next step (the schedule at the current step, else ``noise_scale``)."""
         if self.noise_schedule is not None:
-            return float(self.noise_schedule(int(self.step)))
+            return float(self.noise_schedule(self.step))
         return float(self.opts["noise_scale"])
 
     def forward(self, x: torch.Tensor) -> AlignmentOutput:
@@ -352,7 +354,7 @@ class MultiGraphAlignment(nn.Module):
         if self.training and o["dropout"] > 0:
             keep = 1.0 - o["dropout"]
             dm = torch.empty(2, G, N, self.hidden, device=dev).bernoulli_(keep) / keep
-        if self.training and not torch.compiler.is_compiling():
+        if self.training and self.noise_schedule is not None:
             self.step += 1
         loss, Z = torch.ops.exgramed.align(
             x, self.w_root1, self.w_rel1, self.bias1, self.w_root2, self.w_rel2, self.bias2, un, qn, dm,
