@@ -171,7 +171,7 @@ def _graph_conv_forward_reference(x, nbr, w_root, w_rel, bias=None, aggr="max", 
     agg, argmax = _fallback_aggregate(x, nbr, aggr, reverse)
     xa = agg if aggr == "gcn" else torch.cat([x, agg], dim=-1)
     w = w_rel if aggr == "gcn" else torch.cat([w_root, w_rel], dim=0)
-    out = xa @ w if bias is None else torch.addmm(bias, xa.flatten(0, 1), w).view(*x.shape[:2], -1)
+    out = xa @ w if bias is None else torch.addmm(bias, xa.flatten(0, 1), w).view(*x.shape[:2], w.shape[1])
     return (torch.relu(out) if relu else out).contiguous(), xa.contiguous(), argmax
 
 

@@ -29,7 +29,7 @@ from .assignment import _lap_min
 
 METHODS = ("fw", "sinkhorn")
 ESTIMATORS = ("imle", "blackbox")
-SINKHORN_INNER = 30  # Sinkhorn normalisation sweeps per temperature
+SINKHORN_INNER = 20  # Sinkhorn normalisation sweeps per temperature
 SINKHORN_T_RATIO = 1e-3  # final / initial temperature of the annealing
 POLISH_MAX_PASSES = 100
 
@@ -223,7 +223,7 @@ def _sinkhorn(S: torch.Tensor, partial: bool) -> torch.Tensor:
     for _ in range(SINKHORN_INNER):
         S = S - torch.logsumexp(S, 1, keepdim=True)
         S = S - torch.logsumexp(S, 0, keepdim=True)
-    return S.exp()[:N, :N]
+    return S.exp()  # [N, N], or [2N, 2N] with the dummies
 
 
 def _graduated_assignment(prob: _Problem, X: torch.Tensor, max_iter: int, tol: float):
@@ -233,8 +233,15 @@ def _graduated_assignment(prob: _Problem, X: torch.Tensor, max_iter: int, tol: f
     T0 = T0 if T0 > 0 else 1.0
     for it in range(max_iter):
         T = T0 * SINKHORN_T_RATIO ** (it / max(1, max_iter - 1))
-        X_new = _sinkhorn(g / T, prob.partial)
-        P = prob.lap(X_new)
+        X_ext = _sinkhorn(g / T, prob.partial)
+        X_new = X_ext[: prob.N, : prob.N]
+        if prob.partial:  # round the extended matrix: rows whose mass sits on the dummies stay unmatched
+            cols = _lap_min(-X_ext)[: prob.N]
+            P = torch.zeros_like(X_new)
+            real = cols < prob.N
+            P[torch.arange(prob.N)[real], cols[real]] = 1.0
+        else:
+            P = prob.lap(X_new)
         fP = prob.f(P)
         if fP > best_f:
             best_P, best_f = P, fP
