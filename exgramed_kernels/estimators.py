@@ -59,14 +59,11 @@ def edge_pair_indicator(Z: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor)
     """
     G, N, k = nbr1.shape
     Nk = N * k
-    heads = torch.arange(N, device=Z.device).repeat_interleave(nbr1.shape[2])  # i of edge e, a of edge f
-    # Z[i, a] for every (e, f): rows by the head of e, columns by the head of f.
-    za = Z.index_select(1, heads).index_select(2, heads)
+    # Z[i, a] for every (e, f): rows repeated by the head of e, columns by the head of f.
+    za = Z[:, :, None, :, None].expand(G, N, k, N, k).reshape(G, Nk, Nk)
     # Z[j, b]: rows by the tail of e (nbr1), columns by the tail of f (nbr2).
-    tails1 = nbr1.reshape(G, Nk, 1).expand(G, Nk, N)
-    zj = torch.gather(Z, 1, tails1)
-    tails2 = nbr2.reshape(G, 1, Nk).expand(G, Nk, Nk)
-    zb = torch.gather(zj, 2, tails2)
+    zj = torch.gather(Z, 1, nbr1.reshape(G, Nk, 1).expand(G, Nk, N))
+    zb = torch.gather(zj, 2, nbr2.reshape(G, 1, Nk).expand(G, Nk, Nk))
     return za * zb
 
 
@@ -90,8 +87,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_Z, grad_obj):
     U, nbr1, nbr2, Q, H1, H2, Z = ctx.saved_tensors
-    need_U, need_Q = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    need_H = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+    # needs_input_grad covers the arguments the caller passed (trailing defaults may be absent).
+    n = ctx.needs_input_grad
+    need_U, need_Q = n[0], len(n) > 3 and n[3]
+    need_H = (len(n) > 4 and n[4]) or (len(n) > 5 and n[5])
     lam = ctx.lambda_
     Z = Z.to(U.dtype)
     # Unary-score gradient D and the two matchings whose edge-pair indicators give the quadratic one.

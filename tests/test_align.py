@@ -252,3 +252,41 @@ def test_errors_name_the_argument(change, match):
                 noise_scale=change.get("noise_scale", 0.5))
     with pytest.raises(RuntimeError, match=match):
         ek.align(x, *ws, change.get("un", un), change.get("qn", qn), change.get("mask"), **opts)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_edge_cosines_gram_form_matches_edge_features(dtype, tol):
+    from exgramed_kernels.align import _edge_cosines, _edge_features
+
+    g = torch.Generator().manual_seed(0)
+    P, N, k, h = 3, 9, 3, 16
+    h1 = torch.randn(P, N, h, generator=g, dtype=torch.float64)
+    h2 = torch.randn(P, N, h, generator=g, dtype=torch.float64)
+    h1[0, 4] = h1[0, 2]  # a zero-length edge when 4 -> 2: F.normalize's zero vector, cosine 0
+    rows = torch.arange(N).view(1, N, 1)
+    nbr1 = (rows + torch.randint(1, N, (P, N, k), generator=g)) % N  # no self loops, as kNN
+    nbr1[0, 4, 0] = 2
+    nbr2 = (rows + torch.randint(1, N, (P, N, k), generator=g)) % N
+    want = torch.bmm(_edge_features(h1, nbr1), _edge_features(h2, nbr2).transpose(1, 2))
+    got = _edge_cosines(h1.to(dtype), h2.to(dtype), nbr1, nbr2)
+    assert (got.double() - want).abs().max() < tol
+    assert got[0, 4 * k].abs().max() < tol
+    # The gradient of the Gram form equals the edge features' one (fp64; edges of nonzero length,
+    # a zero-length edge has no derivative: both forms divide by 1e-12 there).
+    a = torch.randn(P, N, h, generator=g, dtype=torch.float64, requires_grad=True)
+    b = h2.clone().requires_grad_()
+    w = torch.randn(P, N * k, N * k, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((_edge_cosines(a, b, nbr1, nbr2) * w).sum(), (a, b))
+    gb = torch.autograd.grad((torch.bmm(_edge_features(a, nbr1), _edge_features(b, nbr2).transpose(1, 2)) * w).sum(),
+                             (a, b))
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_gumbel_samples():
+    torch.manual_seed(0)
+    s = sample_gumbel((200000,), dtype=torch.float64)
+    # Gumbel(0, 1): mean = Euler's gamma, variance = pi^2 / 6.
+    assert abs(float(s.mean()) - 0.5772156649) < 0.01
+    assert abs(float(s.var()) - 3.14159265 ** 2 / 6) < 0.03
+    assert torch.isfinite(sample_gumbel((1000,), dtype=torch.float32)).all()
