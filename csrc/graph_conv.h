@@ -25,6 +25,7 @@
 #include <limits>
 #include <string_view>
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 
@@ -42,8 +43,11 @@ inline GcAggr parse_gc_aggr(std::string_view aggr) {
 
 inline at::ScalarType gc_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// x's finiteness is checked here when check_x_finite, else by the aggregation kernel (the CPU
+// kernel does it in the pass that copies x into the GEMM input).
 inline void check_graph_conv_args(const at::Tensor& x, const at::Tensor& nbr, const at::Tensor& w_root,
-                                  const at::Tensor& w_rel, const c10::optional<at::Tensor>& bias) {
+                                  const at::Tensor& w_rel, const c10::optional<at::Tensor>& bias,
+                                  bool check_x_finite) {
   check_dim(x, 3, "graph_conv: x", "[G, N, d]");
   check_float(x, "graph_conv: x");
   check_dim(nbr, 3, "graph_conv: nbr", "[G, N, k]");
@@ -81,7 +85,7 @@ inline void check_graph_conv_args(const at::Tensor& x, const at::Tensor& nbr, co
     TORCH_CHECK(lo >= 0 && hi < N, "graph_conv: nbr entries must lie in [0, N) = [0, ", N, "), got values in [", lo,
                 ", ", hi, "]");
   }
-  check_finite(x, "graph_conv: x");
+  if (check_x_finite) check_finite(x, "graph_conv: x");
 }
 
 // The neighbourhood structure of one call, per graph (leading dim G), local node indices.
@@ -166,12 +170,33 @@ inline at::Tensor gc_stacked_weight(const at::Tensor& w_root, const at::Tensor& 
   return {};
 }
 
+// (w_root, w_rel) of a stacked weight [w_root; w_rel] ([2d, h]; gcn: w_rel = weight, [d, h]),
+// as adjacent views, so the GEMMs take the one-matrix path.
+inline std::pair<at::Tensor, at::Tensor> gc_split_weight(const at::Tensor& x, const at::Tensor& weight,
+                                                         c10::string_view aggr_name) {
+  const GcAggr aggr = parse_gc_aggr(std::string_view(aggr_name.data(), aggr_name.size()));
+  check_dim(x, 3, "graph_conv: x", "[G, N, d]");
+  check_dim(weight, 2, "graph_conv: weight", aggr == GcAggr::Gcn ? "[d, h]" : "[2d, h]");
+  const int64_t d = x.size(2);
+  if (aggr == GcAggr::Gcn) {
+    TORCH_CHECK(weight.size(0) == d, "graph_conv: weight must have shape [d, h] with d = ", d,
+                " (the last dim of x) for aggr='gcn', got ", weight.sizes());
+    return {weight, weight};
+  }
+  TORCH_CHECK(weight.size(0) == 2 * d, "graph_conv: weight must have shape [2d, h] = [w_root; w_rel] with d = ", d,
+              " (the last dim of x), got ", weight.sizes());
+  const at::Tensor w = weight.contiguous();
+  return {w.narrow(0, 0, d), w.narrow(0, d, d)};
+}
+
 // The aggregation kernels each backend provides.
 //   forward: agg [G, N, d] (rows of stride agg.stride(1)) = AGG over gr's CSR of x [G, N, d]
-//            (contiguous); max also writes argmax [G, N, d] int32 (-1: empty neighbourhood).
+//            (contiguous); max also writes argmax [G, N, d] int32 (-1: empty neighbourhood);
+//            x is copied into xcopy (row-strided) when it is defined. Returns false if the
+//            kernel found a NaN/Inf in x (backends that check beforehand return true).
 //   backward: returns grad_x [G, N, d] = direct (optional, row-strided) + A^T gagg (row-strided).
-using GcAggregateFn = void (*)(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::Tensor& agg,
-                               at::Tensor& argmax);
+using GcAggregateFn = bool (*)(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::Tensor& agg,
+                               at::Tensor& argmax, at::Tensor& xcopy);
 using GcAggregateBackwardFn = at::Tensor (*)(const at::Tensor& gagg, const c10::optional<at::Tensor>& direct,
                                              const GcGraph& gr, GcAggr aggr, const at::Tensor& argmax);
 
@@ -180,19 +205,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_conv_forward_impl(
     const c10::optional<at::Tensor>& bias, c10::string_view aggr_name, bool reverse, bool relu,
     GcAggregateFn aggregate) {
   const GcAggr aggr = parse_gc_aggr(std::string_view(aggr_name.data(), aggr_name.size()));
-  check_graph_conv_args(x_in, nbr, w_root, w_rel, bias);
+  check_graph_conv_args(x_in, nbr, w_root, w_rel, bias, /*check_x_finite=*/!x_in.is_cpu());
   const int64_t G = x_in.size(0), N = x_in.size(1), d = x_in.size(2), h = w_root.size(1);
   const at::Tensor x = x_in.contiguous();
   const bool gcn = aggr == GcAggr::Gcn;
   at::Tensor xa = at::empty({G, N, gcn ? d : 2 * d}, x.options());
   at::Tensor argmax = at::empty({aggr == GcAggr::Max ? G : 0, N, d}, x.options().dtype(at::kInt));
   at::Tensor agg = gcn ? xa : xa.narrow(2, d, d);
-  if (!gcn) xa.narrow(2, 0, d).copy_(x);
+  at::Tensor xcopy = gcn ? at::Tensor() : xa.narrow(2, 0, d);
   if (G * N > 0 && d > 0) {
     const GcGraph gr = build_gc_graph(nbr, aggr, reverse, gc_acc_type(x.scalar_type()), /*forward=*/true);
-    aggregate(x, gr, aggr, agg, argmax);
+    TORCH_CHECK(aggregate(x, gr, aggr, agg, argmax, xcopy), "graph_conv: x contains NaN or Inf");
   } else {
     agg.zero_();
+    if (!gcn) xcopy.copy_(x);
   }
   const at::Tensor a2 = xa.view({G * N, xa.size(2)});
   const bool has_bias = bias.has_value() && bias->defined();
@@ -225,6 +251,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_conv_backward_impl(
               grad_out.sizes());
   TORCH_CHECK(xa.dim() == 3 && xa.size(0) == G && xa.size(1) == N && xa.size(2) == (gcn ? d : 2 * d),
               "graph_conv_backward: xa must have shape [G, N, ", gcn ? d : 2 * d, "], got ", xa.sizes());
+  check_index(nbr, "graph_conv_backward: nbr");
+  if (nbr.numel() > 0) {
+    auto mm = at::aminmax(nbr);
+    TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < N,
+                "graph_conv_backward: nbr entries must lie in [0, N) = [0, ", N, ")");
+  }
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), "graph_conv_backward: out must have the shape of grad_out ",
+              grad_out.sizes(), ", got ", out.sizes());
   const int64_t M = G * N;
   at::Tensor gp = grad_out.to(xa.scalar_type()).contiguous().view({M, h});
   if (relu) gp = at::threshold_backward(gp, out.contiguous().view({M, h}), 0);

@@ -9,6 +9,7 @@
 // O(N^2 k^2) gather from the N x N Gram matrix (never the N^2 x N^2 Lawler matrix).
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
 #include <string_view>
 
@@ -29,6 +30,29 @@ inline int64_t default_restarts(int64_t N) {
 }
 
 enum class QapMethod { FW, Sinkhorn };
+
+// Counter-based random numbers for the random starts: the same permutations on every backend
+// and thread count.
+C10_HOST_DEVICE inline uint64_t splitmix64(uint64_t& s) {
+  uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Fisher-Yates permutation of 0..N-1 for start r of problem g.
+C10_HOST_DEVICE inline void random_start_perm(int64_t seed, int64_t g, int64_t r, int64_t N, int64_t* perm) {
+  uint64_t s = static_cast<uint64_t>(seed);
+  s = splitmix64(s) ^ (static_cast<uint64_t>(g) * 0xD1B54A32D192ED03ull);
+  s = splitmix64(s) ^ (static_cast<uint64_t>(r) * 0x8CB92BA72F3D8DD7ull);
+  for (int64_t i = 0; i < N; ++i) perm[i] = i;
+  for (int64_t i = N - 1; i > 0; --i) {
+    const int64_t j = static_cast<int64_t>(splitmix64(s) % static_cast<uint64_t>(i + 1));
+    const int64_t tmp = perm[i];
+    perm[i] = perm[j];
+    perm[j] = tmp;
+  }
+}
 
 inline void check_nbr(const at::Tensor& nbr, const char* name, int64_t G, int64_t N, const at::Tensor& U,
                       bool check_values) {
@@ -141,6 +165,56 @@ inline at::Tensor implicit_q_dense(const at::Tensor& H1, const at::Tensor& H2, c
   };
   at::Tensor Q = pair(s1, s1) - pair(s1, t2) - pair(t1, s1) + pair(t1, t2);
   return (Q * w1.unsqueeze(2) * w2.unsqueeze(1)).contiguous();
+}
+
+// The checked, converted inputs of a solve: U in float64, Q dense in float32/float64 (from H
+// when given), R starts per problem (1 when there is no quadratic term).
+struct QapInputs {
+  at::Tensor Ud, Qt, n1, n2;
+  int64_t G = 0, N = 0, k = 0, R = 1;
+  bool has_q = false;
+  QapMethod method = QapMethod::FW;
+};
+
+inline QapInputs prepare_qap(const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2,
+                             const c10::optional<at::Tensor>& Q, const c10::optional<at::Tensor>& H1,
+                             const c10::optional<at::Tensor>& H2, c10::string_view method, int64_t max_iter,
+                             double tol, int64_t restarts, c10::string_view estimator, double lambda) {
+  QapInputs in;
+  in.method = check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, estimator, lambda);
+  in.G = U.size(0);
+  in.N = U.size(1);
+  in.k = nbr1.size(2);
+  in.Ud = U.to(at::kDouble).contiguous();
+  in.n1 = nbr1.contiguous();
+  in.n2 = nbr2.contiguous();
+  if (in.G == 0 || in.N == 0) return in;
+  if (Q.has_value()) {
+    in.Qt = Q->scalar_type() == at::kDouble ? Q->contiguous() : Q->to(at::kFloat).contiguous();
+  } else if (H1.has_value()) {
+    const bool dbl = H1->scalar_type() == at::kDouble || H2->scalar_type() == at::kDouble;
+    in.Qt = implicit_q_dense(*H1, *H2, in.n1, in.n2, dbl ? at::kDouble : at::kFloat);
+  }
+  in.has_q = in.Qt.defined() && in.k > 0;
+  if (!in.has_q) in.Qt = at::empty({0}, U.options().dtype(at::kFloat));
+  in.R = in.has_q ? (restarts < 0 ? default_restarts(in.N) : restarts) : 1;
+  return in;
+}
+
+// Z [G, N, N] (U's dtype) of permutations perm [G, N] (-1: unmatched).
+inline at::Tensor perm_to_z(const at::Tensor& perm, int64_t N, at::ScalarType dtype) {
+  const at::Tensor ones = (perm >= 0).to(dtype).unsqueeze(2);
+  return at::zeros({perm.size(0), N, N}, ones.options()).scatter_(2, perm.clamp_min(0).unsqueeze(2), ones);
+}
+
+// The in-edges of every node, CSR: ptr [G, N + 1], edge ids [G, N * k] (increasing per node).
+inline std::pair<at::Tensor, at::Tensor> in_edges_csr(const at::Tensor& nbr) {
+  const int64_t G = nbr.size(0), N = nbr.size(1), k = nbr.size(2);
+  const at::Tensor t = nbr.reshape({G, N * k});
+  const at::Tensor order = std::get<1>(at::sort(t, /*stable=*/true, 1, false));
+  const at::Tensor counts = at::zeros({G, N}, nbr.options()).scatter_add_(1, t, at::ones_like(t));
+  const at::Tensor ptr = at::cat({at::zeros({G, 1}, nbr.options()), counts.cumsum(1)}, 1);
+  return {ptr.contiguous(), order.contiguous()};
 }
 
 }  // namespace exgramed

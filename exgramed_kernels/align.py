@@ -163,7 +163,7 @@ def _edge_cosines(h1: torch.Tensor, h2: torch.Tensor, nbr1: torch.Tensor, nbr2: 
 def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
                 dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.5, solver="fw", estimator="imle",
                 mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
-                partial=False, max_iter=50, tol=1e-6, restarts=-1, seed=0):
+                partial=False, max_iter=30, tol=1e-6, restarts=-1, seed=0):
     _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
                       dropout_mask, k, lambda_, noise_scale, solver, estimator, mode)
     # Scores and the solver in fp32 (fp64 stays fp64), whatever autocast would pick.
@@ -219,7 +219,7 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
           dropout_mask: torch.Tensor | None = None, k: int = 5, lambda_: float = 80.0,
           noise_scale: float = 0.5, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
           metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
-          partial: bool = False, max_iter: int = 50, tol: float = 1e-6, restarts: int = -1,
+          partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = -1,
           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Multi-graph alignment loss of K modality embeddings of the same B samples (ExGra-Med).
 
@@ -323,7 +323,7 @@ class MultiGraphAlignment(nn.Module):
 
     def __init__(self, dim: int, hidden: int | None = None, k: int = 5, *, official: bool = False,
                  noise_schedule: Callable[[int], float] | None = None, samples: int = 1,
-                 mode: str = "barycenter", solver: str = "fw", max_iter: int = 50, tol: float = 1e-6,
+                 mode: str = "barycenter", solver: str = "fw", max_iter: int = 30, tol: float = 1e-6,
                  restarts: int = -1, aggr: str = "max", quadratic_noise: bool = True, bias: bool = True,
                  **options):
         super().__init__()

@@ -7,6 +7,9 @@ Op structure (schemas in schemas.def):
   for gcn) is the GEMM input, ``argmax`` int32 ``[G, N, d]`` the winning aggregation position of
   max (``-1`` for an empty neighbourhood; ``[0, N, d]`` for the other aggregations). Autograd is
   registered here, saving ``xa`` and ``argmax``.
+* ``graph_conv_stacked(x, nbr, weight, ...)``: the same with ``weight = [w_root; w_rel]`` as one
+  ``[2d, h]`` tensor (``[d, h]``, i.e. ``w_rel``, for gcn), whose gradient is then the backward's one
+  GEMM output as is (no slice backward). :class:`GraphConvNet` calls this.
 * ``graph_conv_backward -> (grad_x, grad_w, grad_bias)``: ``grad_w`` is ``[2d, h]`` (``[w_root;
   w_rel]``; ``[d, h]`` = grad of ``w_rel`` for gcn).
 """
@@ -79,6 +82,26 @@ def _graph_conv_forward_fake(x, nbr, w_root, w_rel, bias=None, aggr="max", rever
     return out, xa, argmax
 
 
+def _split_weight(x, weight, aggr):
+    if aggr not in _AGGRS:
+        raise RuntimeError(f"graph_conv: aggr must be one of 'max', 'mean', 'sum', 'gcn', got '{aggr}'")
+    if x.dim() != 3:
+        raise RuntimeError(f"graph_conv: x must have shape [G, N, d] (3 dims), got {tuple(x.shape)}")
+    d = x.shape[2]
+    if aggr == "gcn":
+        if weight.dim() != 2 or weight.shape[0] != d:
+            raise RuntimeError(f"graph_conv: weight must have shape [d, h] with d = {d} (the last dim of x) for aggr='gcn', got {tuple(weight.shape)}")
+        return weight, weight
+    if weight.dim() != 2 or weight.shape[0] != 2 * d:
+        raise RuntimeError(f"graph_conv: weight must have shape [2d, h] = [w_root; w_rel] with d = {d} (the last dim of x), got {tuple(weight.shape)}")
+    return weight[:d], weight[d:]
+
+
+@torch.library.register_fake("exgramed::graph_conv_stacked")
+def _graph_conv_stacked_fake(x, nbr, weight, bias=None, aggr="max", reverse=False, relu=False):
+    return _graph_conv_forward_fake(x, nbr, *_split_weight(x, weight, aggr), bias, aggr, reverse, relu)
+
+
 @torch.library.register_fake("exgramed::graph_conv_backward")
 def _graph_conv_backward_fake(grad_out, out, xa, argmax, nbr, w_root, w_rel, aggr, reverse, relu):
     G, N = nbr.shape[:2]
@@ -114,6 +137,29 @@ def _backward(ctx, grad_out, _grad_xa, _grad_argmax):
 
 
 torch.library.register_autograd("exgramed::graph_conv_forward", _backward, setup_context=_setup_context)
+
+
+def _setup_context_stacked(ctx, inputs, output):
+    x, nbr, weight, bias, aggr, reverse, relu = inputs
+    out, xa, argmax = output
+    ctx.save_for_backward(out, xa, argmax, nbr, weight)
+    ctx.aggr, ctx.reverse, ctx.relu, ctx.has_bias = aggr, reverse, relu, bias is not None
+    ctx.mark_non_differentiable(xa, argmax)
+
+
+def _backward_stacked(ctx, grad_out, _grad_xa, _grad_argmax):
+    out, xa, argmax, nbr, weight = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None
+    d = weight.shape[0] if ctx.aggr == "gcn" else weight.shape[0] // 2
+    w_root, w_rel = (weight, weight) if ctx.aggr == "gcn" else (weight[:d], weight[d:])
+    gx, gw, gb = torch.ops.exgramed.graph_conv_backward(
+        grad_out, out, xa, argmax, nbr, w_root, w_rel, ctx.aggr, ctx.reverse, ctx.relu
+    )
+    return gx, None, gw, (gb if ctx.has_bias else None), None, None, None
+
+
+torch.library.register_autograd("exgramed::graph_conv_stacked", _backward_stacked, setup_context=_setup_context_stacked)
 
 
 # ---- pure-PyTorch fallback (no compiled extension): the kernels' algorithm, tie rule included ----
@@ -173,6 +219,11 @@ def _graph_conv_forward_reference(x, nbr, w_root, w_rel, bias=None, aggr="max", 
     w = w_rel if aggr == "gcn" else torch.cat([w_root, w_rel], dim=0)
     out = xa @ w if bias is None else torch.addmm(bias, xa.flatten(0, 1), w).view(*x.shape[:2], w.shape[1])
     return (torch.relu(out) if relu else out).contiguous(), xa.contiguous(), argmax
+
+
+@register_fallback("graph_conv_stacked")
+def _graph_conv_stacked_reference(x, nbr, weight, bias=None, aggr="max", reverse=False, relu=False):
+    return _graph_conv_forward_reference(x, nbr, *_split_weight(x, weight, aggr), bias, aggr, reverse, relu)
 
 
 @register_fallback("graph_conv_backward")
@@ -344,7 +395,7 @@ class GraphConvNet(nn.Module):
 
     def forward(self, x, nbr):
         for l in range(self.num_layers):
-            w_root, w_rel, b = self.layer_weights(l)
-            x = torch.ops.exgramed.graph_conv(x, nbr, w_root, w_rel, b, self.aggr, self.reverse, True)
+            w, b = getattr(self, f"weight{l}"), getattr(self, f"bias{l}")
+            x = torch.ops.exgramed.graph_conv_stacked(x, nbr, w, b, self.aggr, self.reverse, True)[0]
             x = nn.functional.dropout(x, self.dropout, self.training)
         return x

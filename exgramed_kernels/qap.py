@@ -22,7 +22,7 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=50, tol=1e-6, restarts=-1,
+def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
                    partial=False, seed=0, estimator="imle", lambda_=80.0, check_values=True) -> None:
     """The argument checks of the compiled kernels, for the fake and reference paths."""
     p = "qap_solve: "
@@ -85,7 +85,7 @@ def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_ite
 
 
 @torch.library.register_fake("exgramed::qap_solve")
-def _qap_solve_fake(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=50, tol=1e-6, restarts=-1,
+def _qap_solve_fake(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
                     partial=False, seed=0, estimator="imle", lambda_=80.0):
     check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator, lambda_,
                    check_values=False)
@@ -93,10 +93,24 @@ def _qap_solve_fake(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_it
 
 
 @register_fallback("qap_solve")
-def _qap_solve_reference(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=50, tol=1e-6,
+def _qap_solve_reference(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6,
                          restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0):
     check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator, lambda_)
     return reference.qap_solve(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed)
+
+
+@torch.library.register_fake("exgramed::qap_solve_batched")
+def _qap_solve_batched_fake(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6,
+                            restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0):
+    return _qap_solve_fake(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator,
+                           lambda_)
+
+
+@register_fallback("qap_solve_batched")
+def _qap_solve_batched_reference(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6,
+                                 restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0):
+    return _qap_solve_reference(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed,
+                                estimator, lambda_)
 
 
 def check_gradient_args(X, nbr1, nbr2, Q, check_values=True) -> None:
@@ -168,7 +182,7 @@ def qap_objective(Z, U, nbr1, nbr2, Q=None, H1=None, H2=None) -> torch.Tensor:
     return reference.qap_objective(Z, U, nbr1, nbr2, Q, H1, H2)
 
 
-def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=50, tol=1e-6, restarts=-1,
+def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
               partial=False, seed=0, estimator="imle", lambda_=80.0):
     r"""Batched graph matching: maximise f(X) (module docstring) over permutation matrices.
 

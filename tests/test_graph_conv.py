@@ -151,6 +151,24 @@ def test_separate_weight_buffers_match_stacked():
             assert rel_err(wr.grad, wr2.grad) < 1e-13 and rel_err(wl.grad, wl2.grad) < 1e-13
 
 
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_stacked_weight_op(aggr):
+    # graph_conv_stacked(weight = [w_root; w_rel]) == graph_conv(w_root, w_rel), gradients included.
+    x, nbr, w, b = make_inputs(2, 9, 3, 5, 4, seed=14)
+    d = 5
+    wst = (w[d:] if aggr == "gcn" else w).clone().requires_grad_(True)
+    out = torch.ops.exgramed.graph_conv_stacked(x, nbr, wst, b, aggr, True, True)[0]
+    wr, wl = w[:d].clone().requires_grad_(True), w[d:].clone().requires_grad_(True)
+    ref = reference.graph_conv(x, nbr, wr, wl, b, aggr, True, True)
+    assert rel_err(out, ref) < 1e-13
+    out.sum().backward()
+    ref.sum().backward()
+    expect = wl.grad if aggr == "gcn" else torch.cat([wr.grad, wl.grad])
+    assert rel_err(wst.grad, expect) < 1e-13
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        torch.ops.exgramed.graph_conv_stacked(x, nbr, w[1:], b, aggr)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_max_tie_rule_lowest_index(reverse):
     # Integer features make every neighbourhood full of ties: the gradient of each (node,
@@ -284,6 +302,8 @@ def test_opcheck(device):
             args = (x.clone().requires_grad_(True), nbr, w[:d].clone().requires_grad_(True), w[d:].clone(), b, aggr, reverse, True)
             torch.library.opcheck(torch.ops.exgramed.graph_conv_forward, args)
             torch.library.opcheck(torch.ops.exgramed.graph_conv, args)
+            wst = (w[:d] if aggr == "gcn" else w).clone().requires_grad_(True)
+            torch.library.opcheck(torch.ops.exgramed.graph_conv_stacked, (args[0], nbr, wst, b, aggr, reverse, True))
             out = torch.ops.exgramed.graph_conv_forward(*[a.detach() if torch.is_tensor(a) else a for a in args])
             go = torch.randn_like(out[0])
             torch.library.opcheck(
@@ -358,3 +378,18 @@ def test_triton_matches_reference(aggr, reverse):
     g2 = torch.autograd.grad(ref, (x, w), go)
     for a, c in zip(g1, g2):
         assert rel_err(a, c) < 1e-5
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_opcheck():
+    from exgramed_kernels.triton.graph_conv import graph_conv_forward_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, nbr, w, b = make_inputs(2, 5, 2, 3, 2, torch.float32, device, seed=15)
+    args = (x.requires_grad_(True), nbr, w[:3].clone().requires_grad_(True), w[3:].clone(), b, "max", True, True)
+    # The CPU interpreter cannot run a kernel on the fake tensors that AOT tracing of a
+    # triton_op feeds it, so that one check needs a GPU.
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if torch.cuda.is_available():
+        utils.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(graph_conv_forward_triton, args, test_utils=utils)

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -22,7 +23,8 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 inline int64_t gc_grain(int64_t d, int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * (k + 1))); }
 
 template <typename scalar_t>
-void aggregate_kernel(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::Tensor& agg, at::Tensor& argmax) {
+bool aggregate_kernel(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::Tensor& agg, at::Tensor& argmax,
+                      at::Tensor& xcopy) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t G = gr.G, N = gr.N, k = gr.k, E = gr.E, d = x.size(2);
   const int64_t ostride = agg.stride(1);
@@ -33,8 +35,26 @@ void aggregate_kernel(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::T
   const acc_t* w = gr.w.defined() ? gr.w.data_ptr<acc_t>() : nullptr;
   const acc_t* selfw = gr.selfw.defined() ? gr.selfw.data_ptr<acc_t>() : nullptr;
   int32_t* am = aggr == GcAggr::Max ? argmax.data_ptr<int32_t>() : nullptr;
+  scalar_t* cp = xcopy.defined() ? xcopy.data_ptr<scalar_t>() : nullptr;
+  const int64_t cstride = xcopy.defined() ? xcopy.stride(1) : 0;
+  std::atomic<bool> finite{true};
   at::parallel_for(0, G * N, gc_grain(d, k), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(aggr == GcAggr::Max ? 0 : d);
+    // v - v is 0 for finite v and NaN for NaN/Inf: one NaN-propagating sum checks every row.
+    acc_t chk = 0;
+    for (int64_t gn = begin; gn < end; ++gn) {
+      const scalar_t* own = xp + gn * d;
+      if (cp) {
+        scalar_t* c = cp + gn * cstride;
+        for (int64_t f = 0; f < d; ++f) {
+          c[f] = own[f];
+          chk += static_cast<acc_t>(own[f]) - static_cast<acc_t>(own[f]);
+        }
+      } else {
+        for (int64_t f = 0; f < d; ++f) chk += static_cast<acc_t>(own[f]) - static_cast<acc_t>(own[f]);
+      }
+    }
+    if (chk != acc_t(0)) finite = false;
     for (int64_t gn = begin; gn < end; ++gn) {
       const int64_t g = gn / N, n = gn % N;
       const int64_t b = ptr ? ptr[g * (N + 1) + n] : n * k;
@@ -75,6 +95,7 @@ void aggregate_kernel(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::T
       for (int64_t f = 0; f < d; ++f) o[f] = static_cast<scalar_t>(acc[f]);
     }
   });
+  return finite.load();
 }
 
 template <typename scalar_t>
@@ -129,9 +150,12 @@ void aggregate_backward_kernel(const at::Tensor& gagg, const c10::optional<at::T
   });
 }
 
-void aggregate_cpu(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::Tensor& agg, at::Tensor& argmax) {
+bool aggregate_cpu(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::Tensor& agg, at::Tensor& argmax,
+                   at::Tensor& xcopy) {
+  bool finite = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "graph_conv_cpu",
-                                  [&] { aggregate_kernel<scalar_t>(x, gr, aggr, agg, argmax); });
+                                  [&] { finite = aggregate_kernel<scalar_t>(x, gr, aggr, agg, argmax, xcopy); });
+  return finite;
 }
 
 at::Tensor aggregate_backward_cpu(const at::Tensor& gagg, const c10::optional<at::Tensor>& direct, const GcGraph& gr,
@@ -153,6 +177,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_conv_forward_cpu(
     const c10::optional<at::Tensor>& bias, c10::string_view aggr, bool reverse, bool relu) {
   TORCH_CHECK(x.device().is_cpu(), "graph_conv: x must be a CPU tensor for the CPU kernel");
   return graph_conv_forward_impl(x, nbr, w_root, w_rel, bias, aggr, reverse, relu, &aggregate_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_conv_stacked_cpu(const at::Tensor& x, const at::Tensor& nbr,
+                                                                      const at::Tensor& weight,
+                                                                      const c10::optional<at::Tensor>& bias,
+                                                                      c10::string_view aggr, bool reverse, bool relu) {
+  TORCH_CHECK(x.device().is_cpu(), "graph_conv: x must be a CPU tensor for the CPU kernel");
+  const auto w = gc_split_weight(x, weight, aggr);
+  return graph_conv_forward_impl(x, nbr, w.first, w.second, bias, aggr, reverse, relu, &aggregate_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_conv_backward_cpu(
@@ -181,6 +214,7 @@ at::Tensor graph_conv_composite(const at::Tensor& x, const at::Tensor& nbr, cons
 TORCH_LIBRARY_IMPL(exgramed, CPU, m) {
   m.impl("graph_conv_forward", &graph_conv_forward_cpu);
   m.impl("graph_conv_backward", &graph_conv_backward_cpu);
+  m.impl("graph_conv_stacked", &graph_conv_stacked_cpu);
 }
 
 TORCH_LIBRARY_IMPL(exgramed, CompositeImplicitAutograd, m) { m.impl("graph_conv", &graph_conv_composite); }

@@ -13,6 +13,7 @@
 
 #include "assignment.h"
 #include "qap.h"
+#include "qap_driver.h"
 
 namespace exgramed {
 namespace {
@@ -28,8 +29,20 @@ struct Problem {
   const int64_t* nbr2 = nullptr;
   bool partial = false;
   std::vector<int64_t> in1_ptr, in1_e, in2_ptr, in2_f;
+  std::vector<char> near1;  // near1[i*N+j]: an edge of graph 1 joins i and j, or a self-loop sits on i or j
 
   void build_reverse() {
+    near1.assign(N * N, 0);
+    std::vector<char> loop(N, 0);
+    for (int64_t e = 0; e < Nk; ++e) {
+      const int64_t i = e / k, j = nbr1[e];
+      near1[i * N + j] = near1[j * N + i] = 1;
+      if (i == j) loop[i] = 1;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (!loop[i]) continue;
+      for (int64_t j = 0; j < N; ++j) near1[i * N + j] = near1[j * N + i] = 1;
+    }
     auto rev = [&](const int64_t* nbr, std::vector<int64_t>& ptr, std::vector<int64_t>& lst) {
       ptr.assign(N + 1, 0);
       for (int64_t e = 0; e < Nk; ++e) ++ptr[nbr[e] + 1];
@@ -111,13 +124,6 @@ double objective_perm(const Problem<qt>& p, const int64_t* perm) {
   return dot_perm(p.U, perm, p.N) + quad_perm(p, perm);
 }
 
-inline uint64_t splitmix64(uint64_t& s) {
-  uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 // Per-task scratch.
 struct Work {
   LapWorkspace lap, lap2;
@@ -185,50 +191,49 @@ double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol) 
   return best_f;
 }
 
-// Log-domain Sinkhorn of S / T (N x N, or 2N x 2N with zero-score dummies for partial) into w.X.
+// Sinkhorn of exp(grad f / T) (N x N, or 2N x 2N with zero-score dummies for partial) into
+// w.X (and the extended matrix into w.L for partial). Exponentials are taken once, shifted by
+// each row's maximum (every row keeps an entry 1); the sweeps are multiplicative. A line whose
+// entries all underflow gets scale 0 (it stays 0) instead of a division by zero.
 template <typename qt>
 void sinkhorn(const Problem<qt>& p, Work& w, double T) {
   const int64_t N = p.N, M = p.partial ? 2 * N : N;
-  double* L = w.L.data();
+  double* K = w.L.data();
   for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < M; ++j) L[i * M + j] = (i < N && j < N) ? w.gf[i * N + j] / T : 0.0;
+    double mx = 0.0;  // dummy entries have score 0
+    if (i < N) {
+      mx = p.partial ? 0.0 : -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < N; ++j) mx = std::max(mx, w.gf[i * N + j]);
+    }
+    for (int64_t j = 0; j < M; ++j) K[i * M + j] = std::exp((((i < N && j < N) ? w.gf[i * N + j] : 0.0) - mx) / T);
   }
-  std::vector<double>& cm = w.colmax;
   std::vector<double> cs(M);
   for (int64_t sweep = 0; sweep < kSinkhornInner; ++sweep) {
     for (int64_t i = 0; i < M; ++i) {
-      double* r = L + i * M;
-      const double mx = *std::max_element(r, r + M);
+      double* r = K + i * M;
       double s = 0.0;
-      for (int64_t j = 0; j < M; ++j) s += std::exp(r[j] - mx);
-      const double lse = mx + std::log(s);
-      for (int64_t j = 0; j < M; ++j) r[j] -= lse;
-    }
-    std::fill(cm.begin(), cm.begin() + M, -std::numeric_limits<double>::infinity());
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = 0; j < M; ++j) cm[j] = std::max(cm[j], L[i * M + j]);
+      for (int64_t j = 0; j < M; ++j) s += r[j];
+      const double sc = s >= std::numeric_limits<double>::min() ? 1.0 / s : 0.0;
+      for (int64_t j = 0; j < M; ++j) r[j] *= sc;
     }
     std::fill(cs.begin(), cs.end(), 0.0);
     for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = 0; j < M; ++j) cs[j] += std::exp(L[i * M + j] - cm[j]);
+      for (int64_t j = 0; j < M; ++j) cs[j] += K[i * M + j];
     }
-    for (int64_t j = 0; j < M; ++j) cs[j] = cm[j] + std::log(cs[j]);
+    for (int64_t j = 0; j < M; ++j) cs[j] = cs[j] >= std::numeric_limits<double>::min() ? 1.0 / cs[j] : 0.0;
     for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = 0; j < M; ++j) L[i * M + j] -= cs[j];
+      for (int64_t j = 0; j < M; ++j) K[i * M + j] *= cs[j];
     }
   }
   for (int64_t i = 0; i < N; ++i) {
-    for (int64_t j = 0; j < N; ++j) w.X[i * N + j] = std::exp(L[i * M + j]);
-  }
-  if (p.partial) {
-    for (int64_t x = 0; x < M * M; ++x) L[x] = std::exp(L[x]);
+    for (int64_t j = 0; j < N; ++j) w.X[i * N + j] = K[i * M + j];
   }
 }
 
-// Graduated assignment from w.X: X <- Sinkhorn(exp(grad f(X) / T)), T from the first
-// gradient's range down to kSinkhornTRatio of it geometrically; each iterate rounded by LAP.
+// Graduated assignment from w.X: X <- Sinkhorn(exp(grad f(X) / T)), T from t_scale times the
+// first gradient's range down to kSinkhornTRatio of it geometrically; each iterate rounded by LAP.
 template <typename qt>
-double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, double tol) {
+double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, double tol, double t_scale) {
   const int64_t N = p.N, NN = N * N;
   double best_f = -std::numeric_limits<double>::infinity();
   double T0 = 1.0;
@@ -238,7 +243,7 @@ double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, dou
     for (int64_t x = 0; x < NN; ++x) w.gf[x] = p.U[x] + w.gq[x];
     if (it == 0) {
       const auto mm = std::minmax_element(w.gf.begin(), w.gf.begin() + NN);
-      T0 = *mm.second - *mm.first > 0 ? *mm.second - *mm.first : 1.0;
+      T0 = t_scale * (*mm.second - *mm.first > 0 ? *mm.second - *mm.first : 1.0);
     }
     const double T = T0 * std::pow(kSinkhornTRatio, double(it) / double(std::max<int64_t>(1, max_iter - 1)));
     std::copy(w.X.begin(), w.X.begin() + NN, prev.begin());
@@ -304,9 +309,8 @@ double polish(const Problem<qt>& p, Work& w) {
           return 0.0;
         };
         double delta = u(i, b) + u(j, a) - u(i, a) - u(j, b);
-        if (k > 0) {
+        if (k > 0 && i < N && j < N && p.near1[i * N + j]) {  // q(D) = 0 unless i, j share an edge
           for (const int64_t x : {i, j}) {
-            if (x >= N) continue;
             for (int64_t s = 0; s < k; ++s) {
               const int64_t e = x * k + s, y = p.nbr1[e];
               if (y != i && y != j) continue;
@@ -378,19 +382,16 @@ void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, in
     const double c = r == 0 ? 1.0 / N : 0.5 / N;
     std::fill(w.X.begin(), w.X.begin() + NN, c);
     if (r >= 2) {
-      uint64_t s = static_cast<uint64_t>(seed);
-      s = splitmix64(s) ^ (static_cast<uint64_t>(g) * 0xD1B54A32D192ED03ull);
-      s = splitmix64(s) ^ (static_cast<uint64_t>(r) * 0x8CB92BA72F3D8DD7ull);
       std::vector<int64_t> perm(N);
-      for (int64_t i = 0; i < N; ++i) perm[i] = i;
-      for (int64_t i = N - 1; i > 0; --i) std::swap(perm[i], perm[splitmix64(s) % static_cast<uint64_t>(i + 1)]);
+      random_start_perm(seed, g, r, N, perm.data());
       for (int64_t i = 0; i < N; ++i) w.X[i * N + perm[i]] += 0.5;
     }
   }
   if (method == QapMethod::FW) {
     frank_wolfe(p, w, max_iter, tol);
   } else {
-    graduated_assignment(p, w, max_iter, tol);
+    // Starts also differ in the initial temperature (annealing forgets a hot start).
+    graduated_assignment(p, w, max_iter, tol, std::pow(0.5, double(r % 6)));
   }
   *out_f = polish(p, w);
   std::copy(w.best.begin(), w.best.begin() + N, out_perm);
@@ -419,55 +420,117 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::
                                                  int64_t max_iter, double tol, int64_t restarts, bool partial,
                                                  int64_t seed, c10::string_view estimator, double lambda) {
   TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
-  const QapMethod method =
-      check_qap_args(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator, lambda);
-  const int64_t G = U.size(0), N = U.size(1), k = nbr1.size(2);
-  at::Tensor Z = at::zeros({G, N, N}, U.options().dtype(at::kDouble));
-  at::Tensor obj = at::zeros({G}, U.options().dtype(at::kDouble));
-  if (G == 0 || N == 0) return {Z.to(U.scalar_type()), obj.to(U.scalar_type())};
-  at::Tensor Qt;
-  if (Q.has_value()) {
-    Qt = Q->scalar_type() == at::kDouble ? Q->contiguous() : Q->to(at::kFloat).contiguous();
-  } else if (H1.has_value()) {
-    const bool dbl = H1->scalar_type() == at::kDouble || H2->scalar_type() == at::kDouble;
-    Qt = implicit_q_dense(*H1, *H2, nbr1, nbr2, dbl ? at::kDouble : at::kFloat);
-  }
-  const bool has_q = Qt.defined() && k > 0;
-  if (!has_q) Qt = at::empty({0}, U.options().dtype(at::kFloat));
-  const int64_t R = has_q ? (restarts < 0 ? default_restarts(N) : restarts) : 1;
-  const at::Tensor Ud = U.to(at::kDouble).contiguous();
-  const at::Tensor n1 = nbr1.contiguous(), n2 = nbr2.contiguous();
+  const QapInputs in =
+      prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator, lambda);
+  const int64_t G = in.G, N = in.N, k = in.k, R = in.R;
+  if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
   std::vector<int64_t> perms(G * R * N);
   std::vector<double> fvals(G * R);
-  AT_DISPATCH_FLOATING_TYPES(Qt.scalar_type(), "qap_solve_cpu", [&] {
-    const scalar_t* qp = has_q ? Qt.data_ptr<scalar_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(in.Qt.scalar_type(), "qap_solve_cpu", [&] {
+    const scalar_t* qp = in.has_q ? in.Qt.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, G * R, 1, [&](int64_t t0, int64_t t1) {
       Work w;
       w.resize(N, k);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t g = task / R, r = task % R;
-        const Problem<scalar_t> p =
-            make_problem<scalar_t>(Ud.data_ptr<double>() + g * N * N, has_q ? qp + g * N * k * N * k : nullptr,
-                                   n1.data_ptr<int64_t>() + g * N * k, n2.data_ptr<int64_t>() + g * N * k, N, k,
-                                   partial, true);
-        solve_task(p, g, r, method, max_iter, tol, seed, w, perms.data() + task * N, fvals.data() + task);
+        const Problem<scalar_t> p = make_problem<scalar_t>(
+            in.Ud.data_ptr<double>() + g * N * N, in.has_q ? qp + g * N * k * N * k : nullptr,
+            in.n1.data_ptr<int64_t>() + g * N * k, in.n2.data_ptr<int64_t>() + g * N * k, N, k, partial, true);
+        solve_task(p, g, r, in.method, max_iter, tol, seed, w, perms.data() + task * N, fvals.data() + task);
       }
     });
   });
-  double* zp = Z.data_ptr<double>();
-  double* op = obj.data_ptr<double>();
+  at::Tensor best = at::empty({G, N}, U.options().dtype(at::kLong));
+  at::Tensor obj = at::empty({G}, U.options().dtype(at::kDouble));
   for (int64_t g = 0; g < G; ++g) {
     int64_t br = 0;
     for (int64_t r = 1; r < R; ++r) {
       if (fvals[g * R + r] > fvals[g * R + br]) br = r;
     }
-    const int64_t* perm = perms.data() + (g * R + br) * N;
-    for (int64_t i = 0; i < N; ++i) {
-      if (perm[i] >= 0) zp[(g * N + i) * N + perm[i]] = 1.0;
-    }
-    op[g] = fvals[g * R + br];
+    std::copy(perms.begin() + (g * R + br) * N, perms.begin() + (g * R + br + 1) * N, best.data_ptr<int64_t>() + g * N);
+    obj.data_ptr<double>()[g] = fvals[g * R + br];
   }
-  return {Z.to(U.scalar_type()), obj.to(U.scalar_type())};
+  return {perm_to_z(best, N, U.scalar_type()), obj.to(U.scalar_type())};
+}
+
+// The batched driver (qap_driver.h) with CPU hooks: what the CUDA kernel runs, testable here.
+std::tuple<at::Tensor, at::Tensor> qap_solve_batched_cpu(
+    const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2, const c10::optional<at::Tensor>& Q,
+    const c10::optional<at::Tensor>& H1, const c10::optional<at::Tensor>& H2, c10::string_view method_name,
+    int64_t max_iter, double tol, int64_t restarts, bool partial, int64_t seed, c10::string_view estimator,
+    double lambda) {
+  TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
+  const QapInputs in =
+      prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator, lambda);
+  const int64_t G = in.G, N = in.N, k = in.k, R = in.R, B = G * R;
+  if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
+  at::Tensor perm, obj;
+  AT_DISPATCH_FLOATING_TYPES(in.Qt.scalar_type(), "qap_solve_batched_cpu", [&] {
+    const scalar_t* qp = in.has_q ? in.Qt.data_ptr<scalar_t>() : nullptr;
+    std::vector<Problem<scalar_t>> probs;
+    for (int64_t g = 0; g < G; ++g) {
+      probs.push_back(make_problem<scalar_t>(in.Ud.data_ptr<double>() + g * N * N,
+                                             in.has_q ? qp + g * N * k * N * k : nullptr,
+                                             in.n1.data_ptr<int64_t>() + g * N * k,
+                                             in.n2.data_ptr<int64_t>() + g * N * k, N, k, partial, true));
+    }
+    QapHooks h;
+    h.grad = [&](const at::Tensor& X) {
+      const at::Tensor Xc = X.contiguous();
+      at::Tensor out = at::empty_like(Xc);
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<double> xg(N * N * std::max<int64_t>(k, 1));
+        for (int64_t b = b0; b < b1; ++b) {
+          grad_q(probs[b / R], Xc.data_ptr<double>() + b * N * N, out.data_ptr<double>() + b * N * N, xg.data());
+        }
+      });
+      return out;
+    };
+    h.lap = [&](const at::Tensor& S, at::Tensor& v, bool warm, bool clamp) {
+      const at::Tensor Sc = S.contiguous();
+      const int64_t Bs = Sc.size(0), n = Sc.size(1);
+      at::Tensor cols = at::empty({Bs, n}, S.options().dtype(at::kLong));
+      at::parallel_for(0, Bs, 1, [&](int64_t b0, int64_t b1) {
+        LapWorkspace ws;
+        for (int64_t b = b0; b < b1; ++b) {
+          ws.resize(n);
+          double* vb = v.data_ptr<double>() + b * n;
+          if (warm) std::copy(vb, vb + n, ws.v.begin());
+          lap_solve(Sc.data_ptr<double>() + b * n * n, n, true, clamp, ws, warm);
+          std::copy(ws.v.begin(), ws.v.end(), vb);
+          std::copy(ws.col4row.begin(), ws.col4row.end(), cols.data_ptr<int64_t>() + b * n);
+        }
+      });
+      return cols;
+    };
+    h.quad_perm = [&](const at::Tensor& pm) {
+      const at::Tensor pc = pm.contiguous();
+      at::Tensor out = at::empty({pc.size(0)}, U.options().dtype(at::kDouble));
+      for (int64_t b = 0; b < pc.size(0); ++b) {
+        out.data_ptr<double>()[b] = quad_perm(probs[b / R], pc.data_ptr<int64_t>() + b * N);
+      }
+      return out;
+    };
+    h.random_perms = [&](int64_t sd) {
+      at::Tensor out = at::empty({B, N}, U.options().dtype(at::kLong));
+      for (int64_t b = 0; b < B; ++b) random_start_perm(sd, b / R, b % R, N, out.data_ptr<int64_t>() + b * N);
+      return out;
+    };
+    h.polish = [&](at::Tensor& pm, const at::Tensor&) {
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        Work w;
+        w.resize(N, k);
+        for (int64_t b = b0; b < b1; ++b) {
+          int64_t* row = pm.data_ptr<int64_t>() + b * N;
+          std::copy(row, row + N, w.best.begin());
+          polish(probs[b / R], w);
+          std::copy(w.best.begin(), w.best.begin() + N, row);
+        }
+      });
+    };
+    std::tie(perm, obj) = qap_solve_driver(in.Ud, R, in.has_q, in.method, max_iter, tol, partial, seed, h);
+  });
+  return {perm_to_z(perm, N, U.scalar_type()), obj.to(U.scalar_type())};
 }
 
 at::Tensor qap_gradient_cpu(const at::Tensor& X, const at::Tensor& nbr1, const at::Tensor& nbr2, const at::Tensor& Q) {
@@ -500,6 +563,7 @@ at::Tensor qap_gradient_cpu(const at::Tensor& X, const at::Tensor& nbr1, const a
 TORCH_LIBRARY_IMPL(exgramed, CPU, m) {
   m.impl("qap_solve", &qap_solve_cpu);
   m.impl("qap_gradient", &qap_gradient_cpu);
+  m.impl("qap_solve_batched", &qap_solve_batched_cpu);
 }
 
 }  // namespace exgramed

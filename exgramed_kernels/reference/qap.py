@@ -226,11 +226,11 @@ def _sinkhorn(S: torch.Tensor, partial: bool) -> torch.Tensor:
     return S.exp()  # [N, N], or [2N, 2N] with the dummies
 
 
-def _graduated_assignment(prob: _Problem, X: torch.Tensor, max_iter: int, tol: float):
+def _graduated_assignment(prob: _Problem, X: torch.Tensor, max_iter: int, tol: float, t_scale: float = 1.0):
     best_P, best_f = None, -math.inf
     g = prob.U + prob.grad_q(X)
     T0 = float(g.max() - g.min())
-    T0 = T0 if T0 > 0 else 1.0
+    T0 = t_scale * (T0 if T0 > 0 else 1.0)
     for it in range(max_iter):
         T = T0 * SINKHORN_T_RATIO ** (it / max(1, max_iter - 1))
         X_ext = _sinkhorn(g / T, prob.partial)
@@ -259,7 +259,7 @@ def _random_perm_matrix(N: int, gen: torch.Generator) -> torch.Tensor:
     return P
 
 
-def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=50, tol=1e-6, restarts=-1,
+def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
               partial=False, seed=0, estimator="imle", lambda_=80.0):
     """Reference solver; same signature and result contract as ``torch.ops.exgramed.qap_solve``.
 
@@ -292,8 +292,11 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=50,
                 else:
                     gen = torch.Generator().manual_seed((seed * 1_000_003 + g) * 1_009 + r)
                     X0 = 0.5 * (torch.full((N, N), 1.0 / N, dtype=torch.float64) + _random_perm_matrix(N, gen))
-                solve = _frank_wolfe if method == "fw" else _graduated_assignment
-                P, fP = _polish(prob, solve(prob, X0, max_iter, tol))
+                if method == "fw":
+                    P = _frank_wolfe(prob, X0, max_iter, tol)
+                else:  # starts also differ in the initial temperature (annealing forgets a hot start)
+                    P = _graduated_assignment(prob, X0, max_iter, tol, 0.5 ** (r % 6))
+                P, fP = _polish(prob, P)
                 if fP > best_f:
                     best, best_f = P, fP
         Z[g] = best
