@@ -251,14 +251,14 @@ def speed(sizes, repeats, official_repeats):
 # ----------------------------------------------------------------------------- learning table
 
 
-def learning(configs, steps, seeds):
+def learning(configs, steps, seeds, **setting):
     from exgramed_kernels.planted_align import run_planted
 
     rows = []
     for cfg in configs:
         finals, retr, curves, secs = [], [], [], []
         for seed in seeds:
-            r = run_planted(steps=steps, seed=seed, eval_every=100, **cfg)
+            r = run_planted(steps=steps, seed=seed, eval_every=100, **setting, **cfg)
             finals.append(r.final)
             retr.append(r.retrieval[-1])
             curves.append(r.accuracy)
@@ -269,13 +269,13 @@ def learning(configs, steps, seeds):
     return rows
 
 
-def write(path, speed_rows, learn_rows, learn_setup):
+def write(path, speed_rows, learn_tables):
     lines = ["# align: results", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs "
              f"(shared; load average {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}, "
              f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}.", ""]
-    if learn_rows:
-        lines += ["## Learning through the solver (planted problem)", "", learn_setup, "",
+    for title, learn_setup, learn_rows in learn_tables:
+        lines += [f"## Learning through the solver: {title}", "", learn_setup, "",
                   "| noise scale | lambda | estimator | other | matching accuracy at " +
                   " / ".join(str(s) for s in learn_rows[0]["steps"]) + " steps (seed 0) | final matching accuracy, "
                   "each seed | final top-1 retrieval, each seed | s per run |",
@@ -322,7 +322,7 @@ def main():
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "align.md"))
     a = ap.parse_args()
-    learn_rows = speed_rows = []
+    learn_tables, speed_rows = [], []
     setup = ("`exgramed_kernels.planted_align.run_planted`: three modalities `x_k = z A_k + 0.1 eps` of "
              "shared 8-dim latents (input 16), a trainable `Linear(16, 32)` per modality, "
              "`MultiGraphAlignment(32, 32, k=3, max_iter=20, restarts=4)` (other options as listed, the rest "
@@ -337,13 +337,23 @@ def main():
         configs += [dict(noise_scale=0.5, lambda_=5.0, **base), dict(noise_scale=0.5, lambda_=1000.0, **base),
                     dict(noise_scale=0.5, lambda_=80.0, estimator="blackbox", **base),
                     dict(official=True, **base), dict(official=True, noise_scale=0.5, **base)]
-        learn_rows = learning(configs[:2] if a.quick else configs, 100 if a.quick else 400, (0,) if a.quick else (0, 1))
+        steps, seeds = (100, (0,)) if a.quick else (400, (0, 1))
+        learn_tables.append(("the planted problem of the learning test", setup,
+                             learning(configs[:2] if a.quick else configs, steps, seeds)))
+        hard = [dict(noise_scale=s, lambda_=80.0, **base) for s in (0.05, 0.2, 0.5, 1.0)]
+        hard += [dict(official=True, **base), dict(official=True, noise_scale=0.5, **base)]
+        hard_setup = setup.replace("`Linear(16, 32)`", "`Linear(16, 16)`").replace(
+            "`MultiGraphAlignment(32, 32,", "`MultiGraphAlignment(16, 16,").replace("B = 16", "B = 32").replace(
+            "chance 1/16 = 0.06", "chance 1/32 = 0.03")
+        if not a.quick:
+            learn_tables.append(("a harder setting (B = 32, width 16)", hard_setup,
+                                 learning(hard, steps, seeds, B=32, dim=16)))
         torch.set_num_threads(os.cpu_count() or 1)
     if not a.skip_speed:
         sizes = [(16, 512)] if a.quick else [(16, 512), (64, 512), (256, 512), (16, 4096), (64, 4096), (256, 4096)]
         speed_rows = speed(sizes, 3, 1)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    write(a.out, speed_rows, learn_rows, setup)
+    write(a.out, speed_rows, learn_tables)
     print("wrote", a.out)
 
 

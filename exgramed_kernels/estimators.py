@@ -107,22 +107,24 @@ def _backward(ctx, grad_Z, grad_obj):
             scale = 1.0 / lam
     w_obj = None if grad_obj is None else grad_obj.to(U.dtype).reshape(-1, 1, 1)
 
+    def combine(f):  # scale (f(plus) - f(minus)) + w_obj f(Z), the terms that are present
+        out = None
+        if plus is not None:
+            out = (f(plus) - f(minus)) * scale
+        if w_obj is not None:
+            out = w_obj * f(Z) if out is None else out + w_obj * f(Z)
+        return out
+
     grad_U = None
     if need_U:
-        grad_U = torch.zeros_like(U)
-        if plus is not None:
-            grad_U = grad_U + (plus - minus) * scale
-        if w_obj is not None:
-            grad_U = grad_U + w_obj * Z
+        grad_U = combine(lambda z: z)
+        grad_U = torch.zeros_like(U) if grad_U is None else grad_U
 
     grad_Q = grad_H1 = grad_H2 = None
     if (need_Q and ctx.has_Q) or (need_H and ctx.has_H):
-        dP = torch.zeros(Z.shape[0], nbr1.shape[1] * nbr1.shape[2], nbr2.shape[1] * nbr2.shape[2],
-                         dtype=U.dtype, device=U.device)
-        if plus is not None:
-            dP = dP + (edge_pair_indicator(plus, nbr1, nbr2) - edge_pair_indicator(minus, nbr1, nbr2)) * scale
-        if w_obj is not None:
-            dP = dP + w_obj * edge_pair_indicator(Z, nbr1, nbr2)
+        dP = combine(lambda z: edge_pair_indicator(z, nbr1, nbr2))
+        if dP is None:
+            dP = U.new_zeros(Z.shape[0], nbr1.shape[1] * nbr1.shape[2], nbr2.shape[1] * nbr2.shape[2])
         if need_Q and ctx.has_Q:
             grad_Q = dP.to(Q.dtype)
         if need_H and ctx.has_H:
