@@ -148,16 +148,23 @@ def _edge_cosines(h1: torch.Tensor, h2: torch.Tensor, nbr1: torch.Tensor, nbr2: 
     the absolute error is about ``4 eps |h|^2 / (|h1_i - h1_j| |h2_a - h2_b|)`` (fp32: ~1e-5 for edges
     a tenth of |h| long), far below the noise the scores carry.
     """
+    return _edge_cosines_scaled(h1, h2, nbr1, nbr2, 1.0)
+
+
+def _edge_cosines_scaled(h1, h2, nbr1, nbr2, scale: float) -> torch.Tensor:
+    """``scale *`` :func:`_edge_cosines`, with the scale folded into the edge lengths."""
     P, N, k = nbr1.shape
     Nk = N * k
     C = torch.bmm(h1, h2.transpose(1, 2))  # [P, N, N]
-    t1 = nbr1.reshape(P, Nk)
-    t2 = nbr2.reshape(P, 1, Nk).expand(P, Nk, Nk)
     rows_i = C.repeat_interleave(k, dim=1)  # C[i, :] for edge e = (i, j): [P, Nk, N]
-    rows_j = torch.gather(C, 1, t1.unsqueeze(-1).expand(P, Nk, N))  # C[j, :]
-    diff_rows = rows_i - rows_j  # C[i, :] - C[j, :]
-    inner = diff_rows.repeat_interleave(k, dim=2) - torch.gather(diff_rows, 2, t2)  # minus at column b
-    return inner * _inverse_edge_lengths(h1, nbr1).unsqueeze(2) * _inverse_edge_lengths(h2, nbr2).unsqueeze(1)
+    rows_j = torch.gather(C, 1, nbr1.reshape(P, Nk, 1).expand(P, Nk, N))  # C[j, :]
+    D = rows_i - rows_j  # D[e, a] = C[i, a] - C[j, a]
+    # inner[e, (a, t)] = D[e, a] - D[e, nbr2[a, t]], laid out [P, Nk, N, k] so D[e, a] broadcasts over t.
+    Db = torch.gather(D, 2, nbr2.reshape(P, 1, Nk).expand(P, Nk, Nk)).view(P, Nk, N, k)
+    inner = D.unsqueeze(-1) - Db
+    w1 = _inverse_edge_lengths(h1, nbr1) * scale
+    w2 = _inverse_edge_lengths(h2, nbr2).view(P, 1, N, k)
+    return (inner * w1.view(P, Nk, 1, 1) * w2).view(P, Nk, Nk)
 
 
 def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
@@ -188,16 +195,16 @@ def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=N
         nbr2 = nbr1 if copy_structure else nbr[dst]
         # Unary cos(h1_i, h2_a) - 0.5 and quadratic 0.5 (<e1, e2> - 0.5), noise added below.
         U = torch.bmm(hn[src], hn[dst].transpose(1, 2)) - 0.5
-        Q = 0.5 * (_edge_cosines(h[src], h[dst], nbr1, nbr2) - 0.5)
+        Q = _edge_cosines_scaled(h[src], h[dst], nbr1, nbr2, 0.5) - 0.25
         S = 1
         for noise in (unary_noise, quadratic_noise):
             if noise is not None:
                 S = noise.shape[0]
         Nk = N * k
         if unary_noise is not None:
-            U = U.unsqueeze(0) + noise_scale * unary_noise.to(dtype)
+            U = torch.add(U.unsqueeze(0), unary_noise.to(dtype), alpha=noise_scale)
         if quadratic_noise is not None:
-            Q = Q.unsqueeze(0) + (0.5 * noise_scale) * quadratic_noise.to(dtype)
+            Q = torch.add(Q.unsqueeze(0), quadratic_noise.to(dtype), alpha=0.5 * noise_scale)
         U = U.expand(S, P, N, N).reshape(S * P, N, N)
         Q = Q.expand(S, P, Nk, Nk).reshape(S * P, Nk, Nk)
         if S > 1:
