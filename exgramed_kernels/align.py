@@ -131,14 +131,6 @@ def _edge_features(h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
     return F.normalize(heads - tails, dim=-1)
 
 
-def _inverse_edge_lengths(h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
-    """``1 / max(|h_i - h_j|, 1e-12)`` per edge (F.normalize's convention): [P, N, h] -> [P, N k]."""
-    P, N, k = nbr.shape
-    tails = torch.gather(h, 1, nbr.reshape(P, N * k, 1).expand(P, N * k, h.shape[-1]))
-    diff = h.repeat_interleave(k, dim=1) - tails
-    return 1.0 / diff.norm(dim=-1).clamp_min(1e-12)
-
-
 def _edge_cosines(h1: torch.Tensor, h2: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor) -> torch.Tensor:
     """``<normalize(h1_i - h1_j), normalize(h2_a - h2_b)>`` for every edge pair: ``[P, N k, N k]``.
 
@@ -151,20 +143,30 @@ def _edge_cosines(h1: torch.Tensor, h2: torch.Tensor, nbr1: torch.Tensor, nbr2: 
     return _edge_cosines_scaled(h1, h2, nbr1, nbr2, 1.0)
 
 
+def _signed_incidence(nbr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``M[p, e, :]`` = +1 at the head i and -1 at the tail j of edge ``e = (i, nbr[p, i, s])``: ``[P, N k, N]``."""
+    P, N, k = nbr.shape
+    heads = torch.arange(N, device=nbr.device).repeat_interleave(k).view(1, N * k, 1).expand(P, N * k, 1)
+    M = torch.zeros(P, N * k, N, dtype=dtype, device=nbr.device).scatter_(2, heads, 1.0)
+    return M.scatter_add_(2, nbr.reshape(P, N * k, 1), torch.full((P, N * k, 1), -1.0, dtype=dtype, device=nbr.device))
+
+
 def _edge_cosines_scaled(h1, h2, nbr1, nbr2, scale: float) -> torch.Tensor:
-    """``scale *`` :func:`_edge_cosines`, with the scale folded into the edge lengths."""
+    """``scale *`` :func:`_edge_cosines`, with the scale folded into the edge lengths.
+
+    ``<h1_i - h1_j, h2_a - h2_b> = (M1 C M2^T)[e, f]`` with the signed incidence matrices M of the
+    edges: two small GEMMs (``Nk x N x N`` and ``Nk x N x Nk``) instead of gathers.
+    """
     P, N, k = nbr1.shape
     Nk = N * k
     C = torch.bmm(h1, h2.transpose(1, 2))  # [P, N, N]
-    rows_i = C.repeat_interleave(k, dim=1)  # C[i, :] for edge e = (i, j): [P, Nk, N]
-    rows_j = torch.gather(C, 1, nbr1.reshape(P, Nk, 1).expand(P, Nk, N))  # C[j, :]
-    D = rows_i - rows_j  # D[e, a] = C[i, a] - C[j, a]
-    # inner[e, (a, t)] = D[e, a] - D[e, nbr2[a, t]], laid out [P, Nk, N, k] so D[e, a] broadcasts over t.
-    Db = torch.gather(D, 2, nbr2.reshape(P, 1, Nk).expand(P, Nk, Nk)).view(P, Nk, N, k)
-    inner = D.unsqueeze(-1) - Db
-    w1 = _inverse_edge_lengths(h1, nbr1) * scale
-    w2 = _inverse_edge_lengths(h2, nbr2).view(P, 1, N, k)
-    return (inner * w1.view(P, Nk, 1, 1) * w2).view(P, Nk, Nk)
+    M1 = _signed_incidence(nbr1, C.dtype)
+    M2 = _signed_incidence(nbr2, C.dtype)
+    inner = torch.bmm(torch.bmm(M1, C), M2.transpose(1, 2))  # [P, Nk, Nk]
+    # 1 / max(|h_i - h_j|, 1e-12) (F.normalize's convention), the differences again as a GEMM.
+    w1 = torch.bmm(M1, h1).norm(dim=-1).clamp_min(1e-12).reciprocal() * scale
+    w2 = torch.bmm(M2, h2).norm(dim=-1).clamp_min(1e-12).reciprocal()
+    return inner * w1.unsqueeze(2) * w2.unsqueeze(1)
 
 
 def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
