@@ -132,7 +132,7 @@ def test_module_matches_op_with_its_noise():
     un = sample_gumbel((1, P, B, B))
     qn = sample_gumbel((1, P, B * KNN, B * KNN))
     loss, Z = ek.align(x, m.w_root1, m.w_rel1, m.bias1, m.w_root2, m.w_rel2, m.bias2, un.double(), qn.double(),
-                       None, KNN, 80.0, 0.5, "fw", "imle", "barycenter", max_iter=20, restarts=2)
+                       None, KNN, 80.0, m.current_noise_scale(), "fw", "imle", "barycenter", max_iter=20, restarts=2)
     assert torch.equal(out.Z, Z) and out.loss == loss
     # Per-modality accuracy: the diagonal fraction of problems k -> barycenter and barycenter -> k.
     diag = Z.diagonal(dim1=1, dim2=2).float().mean(-1)
