@@ -290,3 +290,14 @@ def test_gumbel_samples():
     assert abs(float(s.mean()) - 0.5772156649) < 0.01
     assert abs(float(s.var()) - 3.14159265 ** 2 / 6) < 0.03
     assert torch.isfinite(sample_gumbel((1000,), dtype=torch.float32)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_matches_cpu():
+    x, ws, un, qn = make_inputs(dtype=torch.float32, seed=6)
+    opts = dict(k=KNN, aggr="sum", **FAST)
+    cpu = _grads(lambda x, *w: ek.align(x, *w, un, qn, None, **opts), x, ws)
+    cuda = _grads(lambda x, *w: ek.align(x, *w, un.cuda(), qn.cuda(), None, **opts), x.cuda(), [w.cuda() for w in ws])
+    assert torch.equal(cuda[1].cpu(), cpu[1]) and torch.allclose(cuda[0].cpu(), cpu[0])
+    for a, b in zip(cuda[2], cpu[2]):
+        assert torch.allclose(a.cpu(), b, rtol=1e-3, atol=1e-5)
