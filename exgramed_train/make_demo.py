@@ -107,13 +107,16 @@ def _chest_texts(count: int, side: str, size: str) -> dict:
                 f"The {'other' if count == 1 else 'remaining'} lung fields are clear. "
                 f"A {size} nodule is a round opacity; {'small nodules are usually benign' if size == 'small' else 'large nodules need further work-up'}.")
     other = "right" if side == "left" else "left"
-    qa = [
-        ("How many nodules are seen?", word, "OPEN"),
-        ("Which lung contains the nodules?", side, "OPEN"),
-        ("What is the size of the nodules?", size, "OPEN"),
-        (f"Is there a nodule in the {side} lung?", "yes", "CLOSED"),
-        (f"Is there a nodule in the {other} lung?", "no", "CLOSED"),
-        ("Are the nodules large?", "yes" if size == "large" else "no", "CLOSED"),
+    large = "yes" if size == "large" else "no"
+    qa = [  # (question, short answer for evaluation, sentence answer for training, answer type)
+        ("How many nodules are seen?", word, f"{word.capitalize()} {noun} {'is' if count == 1 else 'are'} seen.",
+         "OPEN"),
+        ("Which lung contains the nodules?", side, f"The {side} lung.", "OPEN"),
+        ("What is the size of the nodules?", size, f"The {noun} {'is' if count == 1 else 'are'} {size}.", "OPEN"),
+        (f"Is there a nodule in the {side} lung?", "yes", f"Yes, the {side} lung has {word} {noun}.", "CLOSED"),
+        (f"Is there a nodule in the {other} lung?", "no", f"No, the {other} lung is clear.", "CLOSED"),
+        ("Are the nodules large?", large, f"{large.capitalize()}, the {noun} {'is' if count == 1 else 'are'} "
+         f"{size}.", "CLOSED"),
     ]
     return {"caption": caption, "extended": extended, "qa": qa}
 
@@ -152,11 +155,10 @@ def generate(out: Path = ASSETS, n_train: int = 96, n_test: int = 24, seed: int 
         t = _chest_texts(count, side, size)
         if i < n_train:
             stage1.append(_record(f"s1-chest-{i}", name, "Describe the image.", t["caption"]))
-            q, a, _ = pyrng.choice(t["qa"])
-            stage2.append(_record(f"s2-chest-{i}", name, q, a if len(a.split()) > 1 else
-                                  f"{a.capitalize()}. {t['caption']}", t["extended"]))
+            for j, (q, _, sentence, _) in enumerate(t["qa"]):
+                stage2.append(_record(f"s2-chest-{i}-{j}", name, q, sentence, t["extended"]))
         else:
-            for j, (q, a, kind) in enumerate(t["qa"]):
+            for j, (q, a, _, kind) in enumerate(t["qa"]):
                 test.append(_record(f"test-chest-{i}-{j}", name, q, a, answer_type=kind))
     # real images: the whole image for training, a held-out crop for testing
     real = _real_arrays()
