@@ -149,7 +149,10 @@ def train(cfg: TrainConfig, model_factory) -> dict:
                          f"({model.spec.align_k}): k nearest neighbours among micro_batch nodes")
     params = configure_trainable(model, cfg.stage, cfg.tune_vision)
     if cfg.grad_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.lm.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.tune_vision:
             model.vision.gradient_checkpointing_enable()
     model.to(device)
