@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--closed-rule", choices=["words", "official"], default="words",
+                   help="closed-question hit test: whole words (default) or LLaVA-Med's substring test")
 
     g = sub.add_parser("generate-extended", help="write conversations_long with an LLM")
     from .extended import add_arguments
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
         from .evaluation import evaluate
         from .model import LlavaMed
         metrics = evaluate(LlavaMed.load(args.model), args.questions, args.image_folder, args.answers,
-                           args.batch_size, args.max_new_tokens, args.device)
+                           args.batch_size, args.max_new_tokens, args.device, args.closed_rule)
         text = json.dumps(metrics, indent=1)
         if args.metrics:
             from .demo import _write_atomic

@@ -112,7 +112,7 @@ def _report(result: dict, logs, out: Path) -> str:
         f"| stage 1 | {len(s1)} | {s1[0]['ar_loss']:.3f} | {s1[-1]['ar_loss']:.3f} | - | - | {t['stage1_s']:.1f} |",
         f"| stage 2 | {len(s2)} | {s2[0]['ar_loss']:.3f} | {s2[-1]['ar_loss']:.3f} | {s2[-1]['align_loss']:.3f} | "
         f"{', '.join(f'{a:.2f}' for a in s2[-1]['accuracy'])} | {t['stage2_s']:.1f} |", "",
-        f"Alignment forward share of the stage-2 step time: {100 * share:.1f} %.", "",
+        f"Alignment share (forward + backward) of the stage-2 step time: {100 * share:.1f} %.", "",
         f"Evaluation ({m['n_closed']} closed, {m['n_open']} open questions, {t['evaluate_s']:.1f} s): "
         f"closed accuracy {fmt(m['closed_accuracy'])} %, open recall {fmt(m['open_recall'])} %, "
         f"open F1 {fmt(m['open_f1'])} %.", "",

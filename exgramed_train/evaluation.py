@@ -126,7 +126,7 @@ def _question(q: dict) -> str:
 
 
 def evaluate(model, questions_path, image_folder, answers_path, batch_size: int = 16,
-             max_new_tokens: int = 32, device: str = "cpu") -> dict:
+             max_new_tokens: int = 32, device: str = "cpu", closed_rule: str = "words") -> dict:
     """Answer every question greedily, write the answer JSONL atomically, and return the metrics."""
     questions = json.loads(Path(questions_path).read_text())
     for q in questions:
@@ -145,4 +145,4 @@ def evaluate(model, questions_path, image_folder, answers_path, batch_size: int 
     tmp = answers_path.with_name(answers_path.name + ".tmp")
     tmp.write_text("".join(json.dumps(a) + "\n" for a in answers))
     os.replace(tmp, answers_path)
-    return score(questions, answers)
+    return score(questions, answers, closed_rule)

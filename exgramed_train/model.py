@@ -141,9 +141,12 @@ class LlavaMed(nn.Module):
                              self.text_embedding(batch["raw_ids"], batch["raw_mask"]),
                              self.text_embedding(batch["ext_ids"], batch["ext_mask"])])
             a = self.align(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            result.update(align_loss=a.loss, accuracy=a.accuracy.detach(), align_time=time.perf_counter() - t0,
+            timing = {"forward": _elapsed(t0, x)}
+            if torch.is_grad_enabled() and x.requires_grad:
+                # the alignment's backward runs from the loss's gradient to x's gradient
+                a.loss.register_hook(lambda g: timing.__setitem__("bwd_start", _elapsed(0.0, x)))
+                x.register_hook(lambda g: timing.__setitem__("bwd_end", _elapsed(0.0, x)))
+            result.update(align_loss=a.loss, accuracy=a.accuracy.detach(), align_timing=timing,
                           loss=out.loss + self.spec.alpha * a.loss)
         return result
 
@@ -199,6 +202,19 @@ class LlavaMed(nn.Module):
         if with_alignment and (path / "alignment.pt").exists():
             model.align.load_state_dict(torch.load(path / "alignment.pt", weights_only=True))
         return model
+
+
+def _elapsed(t0: float, like: torch.Tensor) -> float:
+    """Seconds since ``t0`` after the device of ``like`` finished its queued work."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter() - t0
+
+
+def align_seconds(timing: dict) -> float:
+    """Forward plus (when it ran) backward time of the alignment from a forward's ``align_timing``."""
+    bwd = timing["bwd_end"] - timing["bwd_start"] if "bwd_end" in timing and "bwd_start" in timing else 0.0
+    return timing["forward"] + max(bwd, 0.0)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .data import ImageTextDataset, collate, load_records
+from .model import align_seconds
 
 STAGE_DEFAULTS = {"stage1": {"lr": 2e-3, "epochs": 1}, "stage2": {"lr": 2e-5, "epochs": 3}}
 
@@ -194,7 +195,7 @@ def train(cfg: TrainConfig, model_factory) -> dict:
         it = iter(loader)
         for _ in range(len(batches) // cfg.grad_accum):
             t0 = time.perf_counter()
-            acc = {"loss": 0.0, "ar_loss": 0.0, "align_loss": 0.0, "align_time": 0.0, "accuracy": None}
+            acc = {"loss": 0.0, "ar_loss": 0.0, "align_loss": 0.0, "align_timing": [], "accuracy": None}
             for j in range(cfg.grad_accum):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(it).items()}
                 sync = ddp.no_sync() if distributed and j < cfg.grad_accum - 1 else contextlib.nullcontext()
@@ -206,9 +207,10 @@ def train(cfg: TrainConfig, model_factory) -> dict:
                 acc["ar_loss"] += r["ar_loss"].item() / cfg.grad_accum
                 if align:
                     acc["align_loss"] += r["align_loss"].item() / cfg.grad_accum
-                    acc["align_time"] += r["align_time"]
+                    acc["align_timing"].append(r["align_timing"])
                     a = r["accuracy"].float().cpu() / cfg.grad_accum
                     acc["accuracy"] = a if acc["accuracy"] is None else acc["accuracy"] + a
+            acc["align_time"] = sum(align_seconds(t) for t in acc.pop("align_timing"))  # backward hooks done
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()

@@ -119,3 +119,18 @@ def test_open_clip_tower_selects_second_to_last_block(tmp_path):
     assert torch.allclose(feats, h[:, 1:], atol=1e-5)
     with pytest.raises(ValueError, match="open_clip"):
         load_vision(str(tmp_path / "ckpt.pt"), "open_clip", None)
+
+
+def test_alignment_loss_and_its_timing(spec):
+    from exgramed_train.model import align_seconds
+    m = LlavaMed(spec, with_alignment=True)
+    b = _batch(m, 5, need_long=True)
+    r = m(b, align=True)
+    assert r["loss"].item() == pytest.approx(r["ar_loss"].item() + r["align_loss"].item(), rel=1e-6)
+    assert r["accuracy"].shape == (3,) and not r["accuracy"].requires_grad
+    r["align_loss"].backward()  # the alignment alone
+    t = r["align_timing"]
+    assert t["bwd_end"] >= t["bwd_start"] and align_seconds(t) >= t["forward"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.align.parameters())
+    assert m.projector[0].weight.grad.abs().sum() > 0  # the alignment reaches the projector
+    assert m.lm.model.layers[0].mlp.up_proj.weight.grad is None  # but not the decoder (align_text="embed")
