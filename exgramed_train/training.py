@@ -307,7 +307,9 @@ def save_checkpoint(out: Path, step, model, opt, sched, rank, world) -> None:
     if rank == 0:
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"step": step, "model": trainable, "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "world": world}, tmp / "state.pt")
+                    "scheduler": sched.state_dict(), "world": world,
+                    # the alignment module's call counter drives its noise schedule (a plain int attribute)
+                    "align_calls": getattr(model.align, "step", None)}, tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
         ptr = out / "checkpoint-latest.tmp"
@@ -328,6 +330,8 @@ def _load_checkpoint(ckpt: Path, model, opt, sched, rank) -> int:
     model.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    if state.get("align_calls") is not None and model.align is not None:
+        model.align.step = state["align_calls"]
     _set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False))
     return int(state["step"])
 
