@@ -324,6 +324,10 @@ def save_checkpoint(out: Path, step, model, opt, sched, rank, world) -> None:
 
 def _load_checkpoint(ckpt: Path, model, opt, sched, rank) -> int:
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if state["world"] != world:
+        raise ValueError(f"checkpoint {ckpt} was written by {state['world']} process(es); resuming it with "
+                         f"{world} would change the data order (run with the same number of processes)")
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["model"]]
     if missing:
         raise ValueError(f"checkpoint {ckpt} lacks trainable parameters {missing[:5]} (different stage/options?)")

@@ -134,3 +134,15 @@ def test_alignment_loss_and_its_timing(spec):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.align.parameters())
     assert m.projector[0].weight.grad.abs().sum() > 0  # the alignment reaches the projector
     assert m.lm.model.layers[0].mlp.up_proj.weight.grad is None  # but not the decoder (align_text="embed")
+
+
+def test_batched_generation_equals_one_by_one(model):
+    from exgramed_train.data import prompt_ids
+    from exgramed_train.data import load_image
+    qs = ["<image>\nHow many nodules are seen?", "<image>\nIs there a nodule in the left lung of this patient?"]
+    pix = torch.stack([model.vision.preprocess(load_image(ASSETS / "images" / f)) for f in ("chest_001.png", "ct.dcm")])
+    prompts = [prompt_ids(q, model.tokenizer, model.num_patches) for q in qs]
+    assert len(prompts[0]) != len(prompts[1])  # left padding is exercised
+    batched = model.generate(pix, prompts, max_new_tokens=8)
+    single = [model.generate(pix[i:i + 1], prompts[i:i + 1], max_new_tokens=8)[0] for i in range(2)]
+    assert batched == single and all(len(t) > 0 for t in batched), batched
