@@ -147,3 +147,20 @@ def test_local_backend_on_tiny_model(tmp_path, tiny):
     res2 = generate_extended(src, tmp_path / "out2.json", backend, concurrency=1)
     out2 = json.loads((tmp_path / "out2.json").read_text())
     assert res2["generated"] == 2 and out2 == out
+
+
+def test_cli_reads_endpoint_from_environment(tmp_path, monkeypatch, capsys):
+    from exgramed_train.__main__ import main
+    src, recs = _records(tmp_path, n=3)
+    ep = Endpoint({})
+    try:
+        monkeypatch.setenv("OPENAI_BASE_URL", ep.url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+        monkeypatch.setenv("EXGRAMED_EXTEND_MODEL", "env-model")
+        assert main(["generate-extended", "--data", str(src), "--output", str(tmp_path / "o.json"),
+                     "--concurrency", "3"]) == 0
+    finally:
+        ep.close()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["generated"] == 3
+    assert {q["model"] for q in ep.requests} == {"env-model"} and {q["auth"] for q in ep.requests} == {"Bearer sk-env"}
+    assert len(json.loads((tmp_path / "o.json").read_text())) == 3
