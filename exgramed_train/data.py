@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,16 +129,16 @@ def load_records(path, image_folder, tokenizer, num_patches: int, max_length: in
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     errors, over, samples, seen = [], [], [], set()
-    for n, rec in enumerate(records):
+    problems = [_check_record(rec, need_long) for rec in records]
+    if check_images:  # decode every image once, in threads (decoders release the GIL)
+        names = sorted({rec["image"] for rec, p in zip(records, problems) if p is None})
+        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
+            unreadable = dict(zip(names, pool.map(lambda name: _image_problem(Path(image_folder), name), names)))
+        problems = [p if p is not None else unreadable[rec["image"]] for rec, p in zip(records, problems)]
+    for n, (rec, problem) in enumerate(zip(records, problems)):
         rid = rec.get("id", f"<record #{n}>") if isinstance(rec, dict) else f"<record #{n}>"
-        problem = _check_record(rec, need_long)
         if problem is None and rid in seen:
             problem = "duplicate id"
-        if problem is None and check_images:
-            try:
-                load_image(Path(image_folder) / rec["image"])
-            except Exception as e:  # noqa: BLE001 - any decoder failure means unreadable
-                problem = f"unreadable image {rec['image']!r}: {type(e).__name__}: {e}"
         if problem is not None:
             errors.append(f"{rid}: {problem}")
             continue
@@ -165,6 +166,14 @@ def load_records(path, image_folder, tokenizer, num_patches: int, max_length: in
     if not samples:
         raise DataError(f"{path}: no usable records")
     return samples
+
+
+def _image_problem(folder: Path, name: str) -> str | None:
+    try:
+        load_image(folder / name)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means unreadable
+        return f"unreadable image {name!r}: {type(e).__name__}: {e}"
+    return None
 
 
 def _check_record(rec, need_long: bool) -> str | None:

@@ -17,6 +17,7 @@ from the latest and reproduces the uninterrupted run's losses.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -191,7 +192,7 @@ def train(cfg: TrainConfig, model_factory) -> dict:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         batches = epoch_batches(len(dataset), epoch, cfg, rank, world)[in_epoch * cfg.grad_accum:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             collate_fn=lambda items: collate(items, pad))
+                                             collate_fn=functools.partial(collate, pad_id=pad))
         it = iter(loader)
         for _ in range(len(batches) // cfg.grad_accum):
             t0 = time.perf_counter()
