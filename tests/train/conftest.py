@@ -25,10 +25,16 @@ def spec(tiny):
     return ModelSpec(llm=tiny["llm"], vision=tiny["vision"], tokenizer=tiny["tokenizer"], align_k=3)
 
 
-def subset(src: str, dst: Path, n: int) -> str:
-    """The first ``n`` records of a demo JSON file."""
+def _subset(src: str, dst: Path, n: int) -> str:
+    """The first ``n`` records of a demo JSON file, written to ``dst``."""
     dst.write_text(json.dumps(json.loads((ASSETS / src).read_text())[:n]))
     return str(dst)
+
+
+@pytest.fixture(scope="session")
+def subset():
+    """``subset(src, dst, n)``: the first ``n`` records of a demo JSON file, written to ``dst``."""
+    return _subset
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +43,7 @@ def stage1_model(tmp_path_factory, spec):
     from exgramed_train.model import LlavaMed
     from exgramed_train.training import TrainConfig, train
     d = tmp_path_factory.mktemp("stage1")
-    cfg = TrainConfig(stage="stage1", data=subset("stage1.json", d / "s1.json", 16), image_folder=str(ASSETS / "images"),
+    cfg = TrainConfig(stage="stage1", data=_subset("stage1.json", d / "s1.json", 16), image_folder=str(ASSETS / "images"),
                       out=str(d / "run"), micro_batch=8, max_length=160, progress=False)
     res = train(cfg, lambda: LlavaMed(spec))
     return Path(res["model"])

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import subset
 
 
 def _free_port():
@@ -15,7 +14,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_cpu_ranks(tmp_path, tiny):
+def test_torchrun_two_cpu_ranks(tmp_path, tiny, subset):
     s1 = subset("stage1.json", tmp_path / "s1.json", 16)  # 8 per rank: 2 steps of 4
     s2 = subset("stage2.json", tmp_path / "s2.json", 16)  # 8 per rank: 1 step (2 x 4) per epoch
     env = dict(os.environ, TINY_PATHS=json.dumps(tiny), OMP_NUM_THREADS="1",

@@ -10,7 +10,6 @@ from exgramed_train.make_demo import ASSETS
 from exgramed_train.model import LlavaMed
 from exgramed_train.training import TrainConfig, latest_checkpoint, train
 
-from conftest import subset
 
 IMAGES = str(ASSETS / "images")
 
@@ -19,14 +18,14 @@ def _log(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def _s1(tmp_path, n=16, **kw):
+def _s1(tmp_path, subset, n=16, **kw):
     base = dict(stage="stage1", data=subset("stage1.json", tmp_path / "s1.json", n), image_folder=IMAGES,
                 out=str(tmp_path / "run"), micro_batch=4, max_length=160, progress=False)
     base.update(kw)
     return TrainConfig(**base)
 
 
-def _s2(tmp_path, n=24, **kw):
+def _s2(tmp_path, subset, n=24, **kw):
     base = dict(stage="stage2", data=subset("stage2.json", tmp_path / "s2.json", n), image_folder=IMAGES,
                 out=str(tmp_path / "run2"), micro_batch=6, max_length=160, progress=False, lr=1e-3, epochs=2)
     base.update(kw)
@@ -41,7 +40,7 @@ def test_stage_defaults_follow_the_paper():
         TrainConfig(stage="stage3", data="x", image_folder="y", out="z")
 
 
-def test_stage1_trains_projector_and_new_rows_only(tmp_path, spec, tiny):
+def test_stage1_trains_projector_and_new_rows_only(tmp_path, spec, tiny, subset):
     built = {}
 
     def factory():
@@ -49,7 +48,7 @@ def test_stage1_trains_projector_and_new_rows_only(tmp_path, spec, tiny):
         built["init"] = {k: v.clone() for k, v in built["m"].state_dict().items()}
         return built["m"]
 
-    res = train(_s1(tmp_path, grad_accum=2), factory)
+    res = train(_s1(tmp_path, subset, grad_accum=2), factory)
     m, init = built["m"], built["init"]
     assert res["steps"] == res["total_steps"] == 2  # 16 samples / (4 x 2)
     n = m.n_base_tokens
@@ -65,8 +64,8 @@ def test_stage1_trains_projector_and_new_rows_only(tmp_path, spec, tiny):
     assert (Path(res["model"]) / "exgramed_model.json").exists()
 
 
-def test_stage2_adds_alignment_loss_and_trains_lm(tmp_path, stage1_model):
-    res = train(_s2(tmp_path, epochs=1), lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+def test_stage2_adds_alignment_loss_and_trains_lm(tmp_path, stage1_model, subset):
+    res = train(_s2(tmp_path, subset, epochs=1), lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
     log = _log(res["log"])
     assert len(log) == 4
     for r in log:
@@ -80,13 +79,13 @@ def test_stage2_adds_alignment_loss_and_trains_lm(tmp_path, stage1_model):
     assert (Path(res["model"]) / "alignment.pt").exists()
 
 
-def test_stage2_rejects_batch_not_larger_than_k(tmp_path, stage1_model):
+def test_stage2_rejects_batch_not_larger_than_k(tmp_path, stage1_model, subset):
     with pytest.raises(ValueError, match=r"micro_batch \(3\) must exceed the alignment's k \(3\)"):
-        train(_s2(tmp_path, micro_batch=3), lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+        train(_s2(tmp_path, subset, micro_batch=3), lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
 
 
-def test_bf16_autocast_and_gradient_checkpointing(tmp_path, stage1_model):
-    res = train(_s2(tmp_path, epochs=1, n=12, bf16=True, grad_checkpointing=True),
+def test_bf16_autocast_and_gradient_checkpointing(tmp_path, stage1_model, subset):
+    res = train(_s2(tmp_path, subset, epochs=1, n=12, bf16=True, grad_checkpointing=True),
                 lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
     log = _log(res["log"])
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
@@ -106,13 +105,13 @@ def _resume_matches(tmp_path, cfg, factory, stop):
     return a
 
 
-def test_stage1_resume_reproduces_uninterrupted_losses(tmp_path, spec):
+def test_stage1_resume_reproduces_uninterrupted_losses(tmp_path, spec, subset):
     # 3 steps per epoch, 2 epochs; interrupt in the middle of the first epoch
-    log = _resume_matches(tmp_path, _s1(tmp_path, n=12, epochs=2), lambda: LlavaMed(spec), stop=2)
+    log = _resume_matches(tmp_path, _s1(tmp_path, subset, n=12, epochs=2), lambda: LlavaMed(spec), stop=2)
     assert len(log) == 6
 
 
-def test_stage2_resume_reproduces_uninterrupted_losses(tmp_path, stage1_model):
-    log = _resume_matches(tmp_path, _s2(tmp_path, n=12, epochs=2, grad_accum=1),
+def test_stage2_resume_reproduces_uninterrupted_losses(tmp_path, stage1_model, subset):
+    log = _resume_matches(tmp_path, _s2(tmp_path, subset, n=12, epochs=2, grad_accum=1),
                           lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3), stop=3)
     assert len(log) == 4

@@ -11,12 +11,11 @@ from exgramed_train.__main__ import main
 from exgramed_train.data import DataError
 from exgramed_train.make_demo import ASSETS, generate
 
-from conftest import subset
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_cli_stage1_stage2_evaluate(tmp_path, tiny, capsys):
+def test_cli_stage1_stage2_evaluate(tmp_path, tiny, capsys, subset):
     images = str(ASSETS / "images")
     s1 = subset("stage1.json", tmp_path / "s1.json", 8)
     s2 = subset("stage2.json", tmp_path / "s2.json", 8)
