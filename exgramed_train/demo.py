@@ -21,7 +21,7 @@ from .model import LlavaMed, ModelSpec
 from .tiny import demo_models
 from .training import TrainConfig, train
 
-DEMO = {"stage1": {"lr": 2e-3, "epochs": 2}, "stage2": {"lr": 1e-3, "epochs": 4},
+DEMO = {"stage1": {"lr": 2e-3, "epochs": 2}, "stage2": {"lr": 1e-3, "epochs": 8},
         "micro_batch": 8, "align_k": 5, "max_length": 160}
 
 

@@ -198,9 +198,9 @@ class LlavaMed(nn.Module):
                 spec[key] = str(path / spec[key])
         spec.update(spec_overrides)
         model = cls(ModelSpec(**spec), with_alignment=with_alignment, _lm_has_image_tokens=True)
-        model.projector.load_state_dict(torch.load(path / "projector.pt", weights_only=True))
+        model.projector.load_state_dict(torch.load(path / "projector.pt", map_location="cpu", weights_only=True))
         if with_alignment and (path / "alignment.pt").exists():
-            model.align.load_state_dict(torch.load(path / "alignment.pt", weights_only=True))
+            model.align.load_state_dict(torch.load(path / "alignment.pt", map_location="cpu", weights_only=True))
         return model
 
 

@@ -337,7 +337,7 @@ def _load_checkpoint(ckpt: Path, model, opt, sched, rank) -> int:
     sched.load_state_dict(state["scheduler"])
     if state.get("align_calls") is not None and model.align is not None:
         model.align.step = state["align_calls"]
-    _set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False))
+    _set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False))
     return int(state["step"])
 
 
