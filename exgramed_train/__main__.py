@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     from .extended import add_arguments
     add_arguments(g)
 
-    sub.add_parser("make-demo", help="regenerate the embedded demo dataset, tokenizer and configs")
+    md = sub.add_parser("make-demo", help="regenerate the embedded demo dataset, tokenizer and configs")
+    md.add_argument("--out", help="target directory (default: the package's assets/demo)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -144,8 +145,9 @@ def main(argv=None) -> int:
         from .extended import run_from_args
         run_from_args(args)
     elif args.cmd == "make-demo":
-        from .make_demo import generate
-        print(generate())
+        from pathlib import Path
+        from .make_demo import ASSETS, generate
+        print(generate(Path(args.out) if args.out else ASSETS))
     return 0
 
 

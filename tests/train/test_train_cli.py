@@ -9,7 +9,7 @@ import pytest
 
 from exgramed_train.__main__ import main
 from exgramed_train.data import DataError
-from exgramed_train.make_demo import ASSETS, generate
+from exgramed_train.make_demo import ASSETS
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,8 +71,10 @@ def test_demo_end_to_end(tmp_path, tiny):
     assert len((out / "answers.jsonl").read_text().splitlines()) == 149
 
 
-def test_demo_assets_are_reproducible(tmp_path):
-    out = generate(tmp_path / "demo")
+def test_demo_assets_are_reproducible(tmp_path, capsys):
+    assert main(["make-demo", "--out", str(tmp_path / "demo")]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    assert out == tmp_path / "demo"
     for name in ("stage1.json", "stage2.json", "test.json", "llm_config.json", "vision_config.json",
                  "tokenizer/tokenizer.json"):
         assert (out / name).read_text() == (ASSETS / name).read_text(), name
