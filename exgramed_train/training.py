@@ -191,8 +191,11 @@ def train(cfg: TrainConfig, model_factory) -> dict:
     while step < total and not interrupted:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         batches = epoch_batches(len(dataset), epoch, cfg, rank, world)[in_epoch * cfg.grad_accum:]
+        # an own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+        # and a resumed run (one extra iterator) would then see different dropout/alignment noise
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             collate_fn=functools.partial(collate, pad_id=pad))
+                                             collate_fn=functools.partial(collate, pad_id=pad),
+                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         it = iter(loader)
         for _ in range(len(batches) // cfg.grad_accum):
             t0 = time.perf_counter()
