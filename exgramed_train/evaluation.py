@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .data import conversations_of, load_image, prompt_ids
+from .data import _image_problem, conversations_of, load_image, prompt_ids
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -131,6 +131,9 @@ def evaluate(model, questions_path, image_folder, answers_path, batch_size: int 
     questions = json.loads(Path(questions_path).read_text())
     for q in questions:
         _gt(q)  # validate everything before generating
+    bad = [f"{q['id']}: {p}" for q in questions if (p := _image_problem(Path(image_folder), q["image"]))]
+    if bad:
+        raise ValueError(f"{questions_path}: {len(bad)} question(s) with unreadable images:\n  " + "\n  ".join(bad))
     model.to(device).eval()
     answers = []
     for i in range(0, len(questions), batch_size):

@@ -66,3 +66,25 @@ def test_score_fixture():
     bad[0]["answer_type"] = "MAYBE"
     with pytest.raises(ValueError, match="c1.*CLOSED or OPEN"):
         score(bad, ans[:1])
+
+
+def test_evaluate_names_questions_with_unreadable_images(tmp_path, spec):
+    from exgramed_train.evaluation import evaluate
+    from exgramed_train.model import LlavaMed
+    qs = [{"id": "q-ok", "image": "chest_000.png", "answer_type": "OPEN",
+           "conversations": [{"from": "human", "value": "<image>\nWhich lung?"}, {"from": "gpt", "value": "left"}]},
+          {"id": "q-gone", "image": "missing.png", "answer_type": "OPEN",
+           "conversations": [{"from": "human", "value": "Which lung?"}, {"from": "gpt", "value": "left"}]}]
+    (tmp_path / "q.json").write_text(json.dumps(qs))
+    from exgramed_train.make_demo import ASSETS
+    with pytest.raises(ValueError, match=r"1 question\(s\) with unreadable images:\n  q-gone: unreadable image 'missing.png'"):
+        evaluate(LlavaMed(spec), tmp_path / "q.json", ASSETS / "images", tmp_path / "a.jsonl")
+    assert not (tmp_path / "a.jsonl").exists()
+    m = evaluate(LlavaMed(spec), _write(tmp_path / "q1.json", qs[:1]), ASSETS / "images", tmp_path / "a.jsonl",
+                 max_new_tokens=4)
+    assert m["n_open"] == 1 and len((tmp_path / "a.jsonl").read_text().splitlines()) == 1
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
