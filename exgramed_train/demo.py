@@ -22,7 +22,7 @@ from .tiny import demo_models
 from .training import TrainConfig, train
 
 DEMO = {"stage1": {"lr": 2e-3, "epochs": 2}, "stage2": {"lr": 1e-3, "epochs": 8},
-        "micro_batch": 8, "align_k": 5, "max_length": 160}
+        "micro_batch": 8, "align_k": 5, "max_length": 192}
 
 
 def run_demo(out="runs/demo", seed: int = 0, stage1_epochs: int | None = None, stage2_epochs: int | None = None,

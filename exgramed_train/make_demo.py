@@ -132,13 +132,15 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).save(path, optimize=True)
 
 
-def _record(rid, image, question, answer, extended=None, answer_type=None):
-    rec = {"id": rid, "image": image,
-           "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                             {"from": "gpt", "value": answer}]}
-    if extended is not None:
-        rec["conversations_long"] = [{"from": "human", "value": f"<image>\n{question}"},
-                                     {"from": "gpt", "value": extended}]
+def _record(rid, image, question, answer, extended=None, answer_type=None, finding=None):
+    """A record; with ``finding``, a second turn asks for the finding (caption, or extended caption)."""
+    turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+    follow_up = {"from": "human", "value": "Describe the finding."}
+    rec = {"id": rid, "image": image, "conversations": turns + ([follow_up, {"from": "gpt", "value": finding}]
+                                                                if finding else [])}
+    if extended is not None:  # the extended response replaces the finding (or the only answer)
+        rec["conversations_long"] = ((turns + [follow_up]) if finding else turns[:1]) + [
+            {"from": "gpt", "value": extended}]
     if answer_type is not None:
         rec["answer_type"] = answer_type
     return rec
@@ -162,8 +164,8 @@ def generate(out: Path = ASSETS, n_train: int = 96, n_test: int = 24, seed: int 
         t = _chest_texts(count, side, size, zones)
         if i < n_train:
             stage1.append(_record(f"s1-chest-{i}", name, "Describe the image.", t["caption"]))
-            for j, (q, _, sentence, _) in enumerate(t["qa"]):  # short answer, then the finding
-                stage2.append(_record(f"s2-chest-{i}-{j}", name, q, f"{sentence} {t['caption']}", t["extended"]))
+            for j, (q, _, sentence, _) in enumerate(t["qa"]):  # short answer, then the finding on request
+                stage2.append(_record(f"s2-chest-{i}-{j}", name, q, sentence, t["extended"], finding=t["caption"]))
         else:
             for j, (q, a, _, kind) in enumerate(t["qa"]):
                 test.append(_record(f"test-chest-{i}-{j}", name, q, a, answer_type=kind))
@@ -185,7 +187,7 @@ def generate(out: Path = ASSETS, n_train: int = 96, n_test: int = 24, seed: int 
         for k in range(4):  # repeated so that the modality facts are seen often enough
             stage1.append(_record(f"s1-{name}-{k}", train_names[0], "Describe the image.", caption))
             stage2.append(_record(f"s2-{name}-{k}", train_names[0], "What imaging modality is this?",
-                                  f"This is {modality}. {caption}", extended))
+                                  f"This is {modality}.", extended, finding=caption))
         test.append(_record(f"test-{name}-modality", test_names[0], "What imaging modality is this?",
                             modality, answer_type="OPEN"))
     pyrng.shuffle(stage1)
