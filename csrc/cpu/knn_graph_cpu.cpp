@@ -30,73 +30,157 @@ inline int64_t insert_sorted(T* dist, int64_t* idx, int64_t n, int64_t cap, T d,
   return n < cap ? n + 1 : n;
 }
 
-template <typename scalar_t>
-double exact_distance(const scalar_t* a, const scalar_t* b, int64_t d, KnnMetric metric, double na, double nb) {
-  double acc = 0.0;
-  if (metric == KnnMetric::L2) {
-    for (int64_t t = 0; t < d; ++t) {
-      const double diff = static_cast<double>(a[t]) - static_cast<double>(b[t]);
-      acc += diff * diff;
+// Exact fp64 distance of two rows. target_clones compiles an AVX2/FMA copy next to the
+// baseline one and picks at load time, so the fp64 loop vectorises where the CPU allows.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EXGRAMED_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define EXGRAMED_MULTIVERSION
+#endif
+
+// Eight independent partial sums let the fp64 reduction vectorise without -ffast-math
+// (a fixed order, so results stay deterministic).
+template <typename T, bool kDiff>
+inline double reduce8(const T* a, const T* b, int64_t d) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    for (int u = 0; u < 8; ++u) {
+      const double x = static_cast<double>(a[t + u]), y = static_cast<double>(b[t + u]);
+      part[u] += kDiff ? (x - y) * (x - y) : x * y;
     }
-    return acc;
   }
-  if (na == 0.0 || nb == 0.0) return 1.0;
-  for (int64_t t = 0; t < d; ++t) acc += static_cast<double>(a[t]) * static_cast<double>(b[t]);
-  return 1.0 - acc / (na * nb);
+  for (; t < d; ++t) {
+    const double x = static_cast<double>(a[t]), y = static_cast<double>(b[t]);
+    part[0] += kDiff ? (x - y) * (x - y) : x * y;
+  }
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-template <typename scalar_t, typename acc_t>
-void knn_rows(const scalar_t* x, const double* norms, const acc_t* gram, const acc_t* sq, int64_t N, int64_t d,
-              int64_t k, KnnMetric metric, int64_t row0, int64_t nrows, int64_t* out) {
+EXGRAMED_MULTIVERSION double sq_dist_f32(const float* a, const float* b, int64_t d) {
+  return reduce8<float, true>(a, b, d);
+}
+EXGRAMED_MULTIVERSION double dot_f32(const float* a, const float* b, int64_t d) {
+  return reduce8<float, false>(a, b, d);
+}
+EXGRAMED_MULTIVERSION double sq_dist_f64(const double* a, const double* b, int64_t d) {
+  return reduce8<double, true>(a, b, d);
+}
+EXGRAMED_MULTIVERSION double dot_f64(const double* a, const double* b, int64_t d) {
+  return reduce8<double, false>(a, b, d);
+}
+
+template <typename acc_t>
+double exact_dot(const acc_t* a, const acc_t* b, int64_t d) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return dot_f64(a, b, d);
+  } else {
+    return dot_f32(a, b, d);
+  }
+}
+
+// `xe` is the input in fp32 (fp16/bf16/fp32 inputs: exact) or fp64; `norms` the fp64 row norms.
+template <typename acc_t>
+double exact_distance(const acc_t* a, const acc_t* b, int64_t d, KnnMetric metric, double na, double nb) {
+  if (metric == KnnMetric::Cosine) return (na == 0.0 || nb == 0.0) ? 1.0 : 1.0 - exact_dot(a, b, d) / (na * nb);
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return sq_dist_f64(a, b, d);
+  } else {
+    return sq_dist_f32(a, b, d);
+  }
+}
+
+// Rows q in [q0, q0 + nrows) of the flattened [G*N] node list; gram row q is gram + (q - q0) * N.
+template <typename acc_t>
+void knn_rows(const acc_t* xe, const double* norms, const acc_t* gram, const acc_t* sq, int64_t N, int64_t d,
+              int64_t k, KnnMetric metric, int64_t q0, int64_t nrows, int64_t* out) {
   const int64_t C = knn_num_candidates(k, N);
-  at::parallel_for(0, nrows, 1, [&](int64_t r_begin, int64_t r_end) {
+  // Rounding bound of a Gram-form distance: |err| <= gamma * (|x_i|^2 + |x_j|^2).
+  const double gamma = (d + 4) * std::numeric_limits<acc_t>::epsilon();
+  at::parallel_for(0, nrows, 16, [&](int64_t r_begin, int64_t r_end) {
     std::vector<acc_t> cd(C);
     std::vector<int64_t> ci(C);
     std::vector<double> ed(C);
     std::vector<int64_t> ei(C);
     for (int64_t r = r_begin; r < r_end; ++r) {
-      const int64_t i = row0 + r;
-      const acc_t* g = gram + r * N;
+      const int64_t q = q0 + r, g = q / N, i = q % N;
+      const acc_t* grow = gram + r * N;
+      const acc_t* sqg = sq + g * N;
       int64_t n = 0;
       for (int64_t j = 0; j < N; ++j) {
         if (j == i) continue;
-        const acc_t dist = metric == KnnMetric::L2 ? sq[i] + sq[j] - 2 * g[j] : acc_t(1) - g[j];
+        const acc_t dist = metric == KnnMetric::L2 ? sqg[i] + sqg[j] - 2 * grow[j] : acc_t(1) - grow[j];
         n = insert_sorted(cd.data(), ci.data(), n, C, dist, j);
       }
-      int64_t m = 0;
-      for (int64_t c = 0; c < n; ++c) {
-        const int64_t j = ci[c];
-        const double e = exact_distance(x + i * d, x + j * d, d, metric, norms[i], norms[j]);
-        m = insert_sorted(ed.data(), ei.data(), m, n, e, j);
+      // Candidates whose Gram distances lie within twice the rounding bound of each other
+      // form a group whose order is uncertain; groups are ordered with certainty. Re-rank
+      // just the groups that reach into the first k, by exact fp64 distance.
+      double sq_max = 0.0;
+      for (int64_t c = 0; c < n; ++c) sq_max = std::max<double>(sq_max, sqg[ci[c]]);
+      const double bound = 2.0 * gamma * (metric == KnnMetric::L2 ? sqg[i] + sq_max : 2.0);
+      const acc_t* xg = xe + g * N * d;
+      const double* ng = norms + g * N;
+      for (int64_t start = 0; start < k;) {
+        int64_t end = start + 1;
+        while (end < n && static_cast<double>(cd[end]) - static_cast<double>(cd[end - 1]) <= bound) ++end;
+        if (end - start > 1) {
+          int64_t m = 0;
+          for (int64_t c = start; c < end; ++c) {
+            const int64_t j = ci[c];
+            const double e = exact_distance(xg + i * d, xg + j * d, d, metric, ng[i], ng[j]);
+            m = insert_sorted(ed.data(), ei.data(), m, end - start, e, j);
+          }
+          for (int64_t c = start; c < end; ++c) ci[c] = ei[c - start];
+        }
+        start = end;
       }
-      for (int64_t s = 0; s < k; ++s) out[i * k + s] = ei[s];
+      int64_t* o = out + q * k;
+      for (int64_t s = 0; s < k; ++s) o[s] = ci[s];
     }
   });
 }
 
-at::Tensor knn_graph_cpu(const at::Tensor& x_in, int64_t k, c10::string_view metric_name) {
+at::Tensor knn_graph_cpu(const at::Tensor& x, int64_t k, c10::string_view metric_name) {
   const KnnMetric metric = parse_knn_metric(std::string_view(metric_name.data(), metric_name.size()));
-  TORCH_CHECK(x_in.device().is_cpu(), "knn_graph: x must be a CPU tensor for the CPU kernel");
-  check_knn_args(x_in, k);
-  const int64_t G = x_in.size(0), N = x_in.size(1), d = x_in.size(2);
-  at::Tensor out = at::empty({G, N, k}, x_in.options().dtype(at::kLong));
+  TORCH_CHECK(x.device().is_cpu(), "knn_graph: x must be a CPU tensor for the CPU kernel");
+  check_knn_args(x, k, /*check_values=*/false);
+  const int64_t G = x.size(0), N = x.size(1), d = x.size(2);
+  at::Tensor out = at::empty({G, N, k}, x.options().dtype(at::kLong));
   if (G == 0) return out;
-  const at::Tensor x = x_in.contiguous();
-  const KnnGramInputs in = knn_gram_inputs(x, metric);
-  // fp64 norms of the original rows, for the exact cosine refinement.
-  const at::Tensor norms = x.to(at::kDouble).norm(2, {-1}).contiguous();
-  // Row blocks bound the Gram buffer to ~2^22 entries per GEMM.
-  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / N));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "knn_graph_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    for (int64_t gi = 0; gi < G; ++gi) {
-      const at::Tensor xg = in.xc[gi];
+  const at::Tensor xe = x.to(knn_compute_dtype(x)).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(xe.scalar_type(), "knn_graph_cpu", [&] {
+    using acc_t = scalar_t;
+    // The exact re-ranking reads xe: the input in the compute dtype (exact for fp16/bf16/fp32).
+    const acc_t* xe_p = xe.data_ptr<acc_t>();
+    // fp64 squared row norms (the Gram diagonal, and the exact cosine's denominators).
+    at::Tensor sq64 = at::empty({G, N}, x.options().dtype(at::kDouble));
+    double* sp = sq64.data_ptr<double>();
+    at::parallel_for(0, G * N, 64, [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q) sp[q] = exact_dot(xe_p + q * d, xe_p + q * d, d);
+    });
+    // A finite input has finite fp64 squared norms (barring |x| > 1e154 in fp64 input), so
+    // the NaN/Inf check only needs a full pass when some norm is not finite.
+    if (!all_finite(sq64)) {
+      check_finite(x, "knn_graph: x");
+      TORCH_CHECK(false, "knn_graph: x has values whose squares overflow float64");
+    }
+    const KnnGramInputs in = knn_gram_inputs(xe, metric, sq64.to(xe.scalar_type()));
+    const at::Tensor norms = sq64.sqrt();
+    if (G * N * N <= (int64_t(1) << 22)) {
+      // Small problems: one batched GEMM, one parallel loop over all rows of all graphs.
+      const at::Tensor gram = at::bmm(in.xc, in.xc.transpose(1, 2)).contiguous();
+      knn_rows<acc_t>(xe_p, norms.data_ptr<double>(), gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>(), N, d, k,
+                      metric, 0, G * N, out.data_ptr<int64_t>());
+      return;
+    }
+    // Large problems: row blocks of one graph bound the Gram buffer to ~2^22 entries.
+    const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / N));
+    for (int64_t g = 0; g < G; ++g) {
       for (int64_t r0 = 0; r0 < N; r0 += R) {
         const int64_t nr = std::min(R, N - r0);
-        const at::Tensor gram = at::matmul(xg.narrow(0, r0, nr), xg.t()).contiguous();
-        knn_rows<scalar_t, acc_t>(x.data_ptr<scalar_t>() + gi * N * d, norms.data_ptr<double>() + gi * N,
-                                  gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>() + gi * N, N, d, k, metric, r0,
-                                  nr, out.data_ptr<int64_t>() + gi * N * k);
+        const at::Tensor gram = at::matmul(in.xc[g].narrow(0, r0, nr), in.xc[g].t()).contiguous();
+        knn_rows<acc_t>(xe_p, norms.data_ptr<double>(), gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>(), N, d, k,
+                        metric, g * N + r0, nr, out.data_ptr<int64_t>());
       }
     }
   });

@@ -145,8 +145,8 @@ at::Tensor knn_graph_cuda(const at::Tensor& x_in, int64_t k, c10::string_view me
   at::Tensor out = at::empty({G, N, k}, x_in.options().dtype(at::kLong));
   if (G == 0) return out;
   const at::Tensor x = x_in.contiguous();
-  const KnnGramInputs in = knn_gram_inputs(x, metric);
   const at::Tensor norms = x.to(at::kDouble).norm(2, {-1}).contiguous();
+  const KnnGramInputs in = knn_gram_inputs(x, metric, norms.square().to(knn_compute_dtype(x)));
   const int64_t C = knn_num_candidates(k, N);
   // Row blocks across all graphs bound the Gram buffer to ~2^26 entries.
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 26) / (G * N)));
