@@ -32,6 +32,8 @@ CASES = {
     # an encoder in front of the module, both wrapped in DDP: the averaged gradients are the
     # single-process gradients of the concatenated batch
     "ddp": (dict(aggr="sum"), {1: [9], 2: [5, 4], 3: [4, 0, 5]}, 3, True),
+    # the default number of starts: 2 (position-free) once the global graph has more than 64 nodes
+    "default_restarts": (dict(restarts=-1, k=3), {1: [66], 2: [40, 26], 3: [30, 6, 30]}, 3, False),
 }
 
 
@@ -70,7 +72,7 @@ def run_case(name: str, world: int, rank: int) -> dict:
     x = x_all[:, lo:lo + sizes[world][rank]].clone().requires_grad_()
     scope = "global" if dist.is_initialized() else "local"
     torch.manual_seed(0)  # identical module initialisation everywhere
-    align = ek.MultiGraphAlignment(D, graph_scope=scope, **BASE, **opts).double()
+    align = ek.MultiGraphAlignment(D, graph_scope=scope, **{**BASE, **opts}).double()
     model = Encoded(align) if encoded else align
     if scope == "global" and encoded:
         model = torch.nn.parallel.DistributedDataParallel(model)
