@@ -119,9 +119,10 @@ def main() -> None:
         f"d = h = {d}, kNN k = {k}, Frank-Wolfe, default restarts (-1) and max_iter (30). "
         f"Median of {args.steps} steps (forward + backward) after one warm-up step.", "",
         "`cpu`: CPU seconds of the slowest rank (what a device per rank would take; the ranks outnumber "
-        "the cores at W = 4). `wall`: the step's wall time here. `problems`: QAP problems a rank solves.", "",
+        "the cores at W >= 4). `wall`: the step's wall time here. `problems`: QAP problems rank 0 solves (global: "
+        "ranks >= 6 solve none). Gathered bytes: the `[K, N, d]` fp32 tensor each rank ends up with.", "",
         "| W | local N | global N | local cpu (s) | global cpu (s) | global / local | local wall (s) | "
-        "global wall (s) | problems per rank (local / global) | all-gather bytes per rank |",
+        "global wall (s) | problems on rank 0 (local / global) | gathered bytes per rank |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for world, N, r, gather in rows:

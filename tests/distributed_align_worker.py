@@ -20,20 +20,22 @@ D = 5
 # so the sharded solve is the single-process solve (distributed.py: "Exactness of the solver").
 BASE = dict(k=2, hidden=4, restarts=2, max_iter=20)
 
-# name -> (module options, batch sizes per world size, K, with an upstream encoder under DDP)
+# name -> (module options, batch sizes per world size, K, wrapper: None, or "ddp"/"fsdp" around an encoder + the module)
 CASES = {
     # uneven batches; in the 3-rank group rank 1 has no rows at all
-    "uneven": (dict(aggr="sum"), {1: [8], 2: [5, 3], 3: [5, 0, 3]}, 3, False),
+    "uneven": (dict(aggr="sum"), {1: [8], 2: [5, 3], 3: [5, 0, 3]}, 3, None),
     # the official settings: dropout masks (training), shared unary noise, partial matchings,
     # blackbox, L2 kNN, reverse aggregation, copied structure; 2 noise samples, max aggregation
-    "official": (dict(official=True, samples=2), {1: [8], 2: [4, 4], 3: [3, 3, 2]}, 3, False),
+    "official": (dict(official=True, samples=2), {1: [8], 2: [4, 4], 3: [3, 3, 2]}, 3, None),
     # K = 2 pairwise: 2 problems, so in the 3-rank group rank 2 solves none
-    "empty_shard": (dict(mode="pairwise", aggr="sum"), {1: [7], 2: [3, 4], 3: [2, 3, 2]}, 2, False),
+    "empty_shard": (dict(mode="pairwise", aggr="sum"), {1: [7], 2: [3, 4], 3: [2, 3, 2]}, 2, None),
     # an encoder in front of the module, both wrapped in DDP: the averaged gradients are the
     # single-process gradients of the concatenated batch
-    "ddp": (dict(aggr="sum"), {1: [9], 2: [5, 4], 3: [4, 0, 5]}, 3, True),
+    "ddp": (dict(aggr="sum"), {1: [9], 2: [5, 4], 3: [4, 0, 5]}, 3, "ddp"),
+    # the same under FSDP2 (fully_shard): the sharded gradients, gathered, are the single-process ones
+    "fsdp": (dict(aggr="sum"), {1: [9], 2: [4, 5], 3: [3, 3, 3]}, 3, "fsdp"),
     # the default number of starts: 2 (position-free) once the global graph has more than 64 nodes
-    "default_restarts": (dict(restarts=-1, k=3), {1: [66], 2: [40, 26], 3: [30, 6, 30]}, 3, False),
+    "default_restarts": (dict(restarts=-1, k=3), {1: [66], 2: [40, 26], 3: [30, 6, 30]}, 3, None),
 }
 
 
@@ -66,21 +68,27 @@ def global_inputs(name: str) -> torch.Tensor:
 
 def run_case(name: str, world: int, rank: int) -> dict:
     """One rank's (or, world = 1 and no group, the single process's) loss, Z, accuracy and gradients."""
-    opts, sizes, K, encoded = CASES[name]
+    opts, sizes, K, wrapper = CASES[name]
     x_all = global_inputs(name)
     lo = sum(sizes[world][:rank])
     x = x_all[:, lo:lo + sizes[world][rank]].clone().requires_grad_()
     scope = "global" if dist.is_initialized() else "local"
     torch.manual_seed(0)  # identical module initialisation everywhere
     align = ek.MultiGraphAlignment(D, graph_scope=scope, **{**BASE, **opts}).double()
-    model = Encoded(align) if encoded else align
-    if scope == "global" and encoded:
+    model = Encoded(align) if wrapper else align
+    if scope == "global" and wrapper == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
+    if scope == "global" and wrapper == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
     # Only rank 0's generator matters for the noise; the others are seeded differently on purpose.
     torch.manual_seed(100 + 7 * rank)
     out = model(x)
     out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    # FSDP's gradients are DTensor shards: gather them (a collective, same order on every rank)
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+             for n, p in model.named_parameters()}
     grads = {n.removeprefix("module."): g for n, g in grads.items()}
     return dict(loss=out.loss.detach(), Z=out.Z.detach(), accuracy=out.accuracy, problems=out.problems,
                 x_grad=x.grad.detach(), grads=grads, lo=lo, world=world)

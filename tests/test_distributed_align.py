@@ -89,7 +89,7 @@ def test_global_matches_single_process(ranks, single, case):
     for name, g in ref["grads"].items():
         mean = sum(r["grads"][name] for r in res) / world
         assert torch.allclose(mean, g, rtol=1e-9, atol=1e-12), name
-    if case == "ddp":  # DDP already averaged: every rank holds the single-process gradients
+    if case in ("ddp", "fsdp"):  # DDP/FSDP already averaged: every rank holds the single-process gradients
         for r in res:
             for name, g in ref["grads"].items():
                 assert torch.allclose(r["grads"][name], g, rtol=1e-9, atol=1e-12), name
