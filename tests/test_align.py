@@ -132,7 +132,7 @@ def test_module_matches_op_with_its_noise():
     un = sample_gumbel((1, P, B, B))
     qn = sample_gumbel((1, P, B * KNN, B * KNN))
     loss, Z = ek.align(x, m.w_root1, m.w_rel1, m.bias1, m.w_root2, m.w_rel2, m.bias2, un.double(), qn.double(),
-                       None, KNN, 80.0, 0.5, "fw", "imle", "barycenter", max_iter=20, restarts=2)
+                       None, KNN, 80.0, m.current_noise_scale(), "fw", "imle", "barycenter", max_iter=20, restarts=2)
     assert torch.equal(out.Z, Z) and out.loss == loss
     # Per-modality accuracy: the diagonal fraction of problems k -> barycenter and barycenter -> k.
     diag = Z.diagonal(dim1=1, dim2=2).float().mean(-1)
@@ -290,3 +290,14 @@ def test_gumbel_samples():
     assert abs(float(s.mean()) - 0.5772156649) < 0.01
     assert abs(float(s.var()) - 3.14159265 ** 2 / 6) < 0.03
     assert torch.isfinite(sample_gumbel((1000,), dtype=torch.float32)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_matches_cpu():
+    x, ws, un, qn = make_inputs(dtype=torch.float32, seed=6)
+    opts = dict(k=KNN, aggr="sum", **FAST)
+    cpu = _grads(lambda x, *w: ek.align(x, *w, un, qn, None, **opts), x, ws)
+    cuda = _grads(lambda x, *w: ek.align(x, *w, un.cuda(), qn.cuda(), None, **opts), x.cuda(), [w.cuda() for w in ws])
+    assert torch.equal(cuda[1].cpu(), cpu[1]) and torch.allclose(cuda[0].cpu(), cpu[0])
+    for a, b in zip(cuda[2], cpu[2]):
+        assert torch.allclose(a.cpu(), b, rtol=1e-3, atol=1e-5)
