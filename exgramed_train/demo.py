@@ -22,7 +22,7 @@ from .tiny import demo_models
 from .training import TrainConfig, train
 
 DEMO = {"stage1": {"lr": 2e-3, "epochs": 2}, "stage2": {"lr": 1e-3, "epochs": 8},
-        "micro_batch": 8, "align_k": 5, "max_length": 160}
+        "micro_batch": 8, "align_k": 5, "max_length": 192}
 
 
 def run_demo(out="runs/demo", seed: int = 0, stage1_epochs: int | None = None, stage2_epochs: int | None = None,
@@ -82,12 +82,16 @@ def plot_losses(logs: list[list[dict]], path: Path) -> None:
     a.set_ylabel("loss")
     a.legend()
     a.set_title("autoregressive loss")
-    b.plot([r["step"] for r in s2], [r["align_loss"] for r in s2], color="C2", label="alignment loss")
+    steps = [r["step"] for r in s2]
+    align = [r["align_loss"] for r in s2]
+    acc = [sum(r["accuracy"]) / len(r["accuracy"]) for r in s2]
+    b.plot(steps, align, color="C2", alpha=0.25)
+    b.plot(steps, _smooth(align), color="C2", label="alignment loss (moving mean)")
     b.set_xlabel("stage-2 step")
     b.set_ylabel("alignment loss")
     c = b.twinx()
-    c.plot([r["step"] for r in s2], [sum(r["accuracy"]) / len(r["accuracy"]) for r in s2], color="C3",
-           label="matching accuracy")
+    c.plot(steps, acc, color="C3", alpha=0.25)
+    c.plot(steps, _smooth(acc), color="C3", label="matching accuracy (moving mean)")
     c.set_ylabel("matching accuracy")
     c.set_ylim(0, 1.05)
     b.set_title("stage-2 alignment")
@@ -97,6 +101,15 @@ def plot_losses(logs: list[list[dict]], path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _smooth(values: list, window: int = 25) -> list:
+    """Trailing moving mean (shorter window at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _report(result: dict, logs, out: Path) -> str:

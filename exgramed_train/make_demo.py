@@ -34,6 +34,7 @@ from .data import V0_SYSTEM
 ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 IMAGE_SIZE = 48  # stored size; the vision tower resizes to its own input size
 NUMBERS = {1: "one", 2: "two", 3: "three"}
+ZONES = ("upper", "middle", "lower")
 
 REAL_IMAGES = {
     # name: (modality answer, caption, extended caption)
@@ -78,8 +79,8 @@ def _real_arrays() -> dict:
     return {k: (v if isinstance(v, str) else v) for k, v in out.items()}
 
 
-def _chest_image(rng: np.random.Generator, count: int, side: str, size: str) -> np.ndarray:
-    """A chest radiograph-like image with ``count`` nodules in one lung."""
+def _chest_image(rng: np.random.Generator, count: int, side: str, size: str) -> tuple[np.ndarray, list]:
+    """A chest radiograph-like image with ``count`` nodules in one lung, and their zones."""
     n = IMAGE_SIZE
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
     img = np.full((n, n), 20.0)
@@ -96,14 +97,19 @@ def _chest_image(rng: np.random.Generator, count: int, side: str, size: str) -> 
         img[(xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2] = 220.0
     img += rng.normal(0, 6, size=img.shape)
     img = np.clip(img, 0, 255).astype(np.uint8)
-    return np.repeat(img[..., None], 3, axis=2)
+    return np.repeat(img[..., None], 3, axis=2), [ZONES[z] for z in slots]
 
 
-def _chest_texts(count: int, side: str, size: str) -> dict:
+def _zones_text(zones: list) -> str:
+    return zones[0] if len(zones) == 1 else ", ".join(zones[:-1]) + " and " + zones[-1]
+
+
+def _chest_texts(count: int, side: str, size: str, zones: list) -> dict:
     word = NUMBERS[count]
     noun = "nodule" if count == 1 else "nodules"
-    caption = f"Chest radiograph showing {word} {size} {noun} in the {side} lung."
-    extended = (f"This chest radiograph shows {word} {size} pulmonary {noun} located in the {side} lung. "
+    where = f"the {_zones_text(zones)} {'zone' if count == 1 else 'zones'} of the {side} lung"
+    caption = f"Chest radiograph showing {word} {size} {noun} in {where}."
+    extended = (f"This chest radiograph shows {word} {size} pulmonary {noun} located in {where}. "
                 f"The {'other' if count == 1 else 'remaining'} lung fields are clear. "
                 f"A {size} nodule is a round opacity; {'small nodules are usually benign' if size == 'small' else 'large nodules need further work-up'}.")
     other = "right" if side == "left" else "left"
@@ -126,13 +132,15 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).save(path, optimize=True)
 
 
-def _record(rid, image, question, answer, extended=None, answer_type=None):
-    rec = {"id": rid, "image": image,
-           "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                             {"from": "gpt", "value": answer}]}
-    if extended is not None:
-        rec["conversations_long"] = [{"from": "human", "value": f"<image>\n{question}"},
-                                     {"from": "gpt", "value": extended}]
+def _record(rid, image, question, answer, extended=None, answer_type=None, finding=None):
+    """A record; with ``finding``, a second turn asks for the finding (caption, or extended caption)."""
+    turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+    follow_up = {"from": "human", "value": "Describe the finding."}
+    rec = {"id": rid, "image": image, "conversations": turns + ([follow_up, {"from": "gpt", "value": finding}]
+                                                                if finding else [])}
+    if extended is not None:  # the extended response replaces the finding (or the only answer)
+        rec["conversations_long"] = ((turns + [follow_up]) if finding else turns[:1]) + [
+            {"from": "gpt", "value": extended}]
     if answer_type is not None:
         rec["answer_type"] = answer_type
     return rec
@@ -151,12 +159,13 @@ def generate(out: Path = ASSETS, n_train: int = 96, n_test: int = 24, seed: int 
     for i in range(n_train + n_test):
         count, side, size = facts[i % len(facts)]
         name = f"chest_{i:03d}.png"
-        _save_png(_chest_image(rng, count, side, size), tmp / "images" / name)
-        t = _chest_texts(count, side, size)
+        img, zones = _chest_image(rng, count, side, size)
+        _save_png(img, tmp / "images" / name)
+        t = _chest_texts(count, side, size, zones)
         if i < n_train:
             stage1.append(_record(f"s1-chest-{i}", name, "Describe the image.", t["caption"]))
-            for j, (q, _, sentence, _) in enumerate(t["qa"]):
-                stage2.append(_record(f"s2-chest-{i}-{j}", name, q, sentence, t["extended"]))
+            for j, (q, _, sentence, _) in enumerate(t["qa"]):  # short answer, then the finding on request
+                stage2.append(_record(f"s2-chest-{i}-{j}", name, q, sentence, t["extended"], finding=t["caption"]))
         else:
             for j, (q, a, _, kind) in enumerate(t["qa"]):
                 test.append(_record(f"test-chest-{i}-{j}", name, q, a, answer_type=kind))
@@ -178,7 +187,7 @@ def generate(out: Path = ASSETS, n_train: int = 96, n_test: int = 24, seed: int 
         for k in range(4):  # repeated so that the modality facts are seen often enough
             stage1.append(_record(f"s1-{name}-{k}", train_names[0], "Describe the image.", caption))
             stage2.append(_record(f"s2-{name}-{k}", train_names[0], "What imaging modality is this?",
-                                  f"This is {modality}. {caption}", extended))
+                                  f"This is {modality}.", extended, finding=caption))
         test.append(_record(f"test-{name}-modality", test_names[0], "What imaging modality is this?",
                             modality, answer_type="OPEN"))
     pyrng.shuffle(stage1)

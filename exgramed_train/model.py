@@ -161,7 +161,7 @@ class LlavaMed(nn.Module):
         embeds = self.embed_with_image(ids, img)
         gen = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                do_sample=False, num_beams=1, eos_token_id=self.tokenizer.eos_token_id,
-                               pad_token_id=pad)
+                               pad_token_id=pad, stop_strings=["###"], tokenizer=self.tokenizer)
         texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
         return [t.split("###")[0].strip() for t in texts]
 

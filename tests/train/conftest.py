@@ -44,6 +44,6 @@ def stage1_model(tmp_path_factory, spec):
     from exgramed_train.training import TrainConfig, train
     d = tmp_path_factory.mktemp("stage1")
     cfg = TrainConfig(stage="stage1", data=_subset("stage1.json", d / "s1.json", 16), image_folder=str(ASSETS / "images"),
-                      out=str(d / "run"), micro_batch=8, max_length=160, progress=False)
+                      out=str(d / "run"), micro_batch=8, max_length=192, progress=False)
     res = train(cfg, lambda: LlavaMed(spec))
     return Path(res["model"])

@@ -26,7 +26,7 @@ def keep(stage, build):
     return factory
 
 
-common = dict(image_folder=str(ASSETS / "images"), micro_batch=4, max_length=160, progress=False)
+common = dict(image_folder=str(ASSETS / "images"), micro_batch=4, max_length=192, progress=False)
 r1 = train(TrainConfig(stage="stage1", data=s1_data, out=str(out / "s1"), **common), keep("s1", lambda: LlavaMed(spec)))
 r2 = train(TrainConfig(stage="stage2", data=s2_data, out=str(out / "s2"), lr=1e-3, grad_accum=2, **common),
            keep("s2", lambda: LlavaMed.load(r1["model"], with_alignment=True, align_k=3)))

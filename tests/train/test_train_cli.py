@@ -23,10 +23,10 @@ def test_cli_stage1_stage2_evaluate(tmp_path, tiny, capsys, subset):
     q.write_text(json.dumps(json.loads((ASSETS / "test.json").read_text())[:7]))
     assert main(["stage1", "--llm", tiny["llm"], "--vision", tiny["vision"], "--tokenizer", tiny["tokenizer"],
                  "--projector", "linear", "--data", s1, "--image-folder", images, "--out", str(tmp_path / "a"),
-                 "--micro-batch", "4", "--max-length", "160", "--no-progress"]) == 0
+                 "--micro-batch", "4", "--max-length", "192", "--no-progress"]) == 0
     assert main(["stage2", "--init-from", str(tmp_path / "a" / "model"), "--data", s2, "--image-folder", images,
                  "--out", str(tmp_path / "b"), "--micro-batch", "4", "--align-k", "3", "--epochs", "1",
-                 "--align-text", "after_de", "--max-length", "160", "--no-progress"]) == 0
+                 "--align-text", "after_de", "--max-length", "192", "--no-progress"]) == 0
     spec = json.loads((tmp_path / "b" / "model" / "exgramed_model.json").read_text())
     assert (spec["projector"], spec["align_text"], spec["align_k"]) == ("linear", "after_de", 3)
     capsys.readouterr()

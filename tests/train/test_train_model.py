@@ -16,7 +16,7 @@ def model(spec):
 
 def _batch(model, n=4, need_long=False):
     s = load_records(ASSETS / ("stage2.json" if need_long else "stage1.json"), ASSETS / "images", model.tokenizer,
-                     model.num_patches, 160, need_long=need_long)[:n]
+                     model.num_patches, 192, need_long=need_long)[:n]
     ds = ImageTextDataset(s, ASSETS / "images", model.vision.preprocess)
     return collate([ds[i] for i in range(n)], model.tokenizer.pad_token_id)
 

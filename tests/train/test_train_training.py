@@ -20,14 +20,14 @@ def _log(path):
 
 def _s1(tmp_path, subset, n=16, **kw):
     base = dict(stage="stage1", data=subset("stage1.json", tmp_path / "s1.json", n), image_folder=IMAGES,
-                out=str(tmp_path / "run"), micro_batch=4, max_length=160, progress=False)
+                out=str(tmp_path / "run"), micro_batch=4, max_length=192, progress=False)
     base.update(kw)
     return TrainConfig(**base)
 
 
 def _s2(tmp_path, subset, n=24, **kw):
     base = dict(stage="stage2", data=subset("stage2.json", tmp_path / "s2.json", n), image_folder=IMAGES,
-                out=str(tmp_path / "run2"), micro_batch=6, max_length=160, progress=False, lr=1e-3, epochs=2)
+                out=str(tmp_path / "run2"), micro_batch=6, max_length=192, progress=False, lr=1e-3, epochs=2)
     base.update(kw)
     return TrainConfig(**base)
 
