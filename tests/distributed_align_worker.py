@@ -101,5 +101,12 @@ if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     for case in CASES:
         torch.save(run_case(case, world, rank), out_dir / f"{case}_rank{rank}.pt")
+    # ranks disagreeing on K: every rank must raise (no rank left waiting in a collective)
+    try:
+        ek.MultiGraphAlignment(D, k=2, graph_scope="global")(torch.randn(3 if rank == 0 else 2, 4, D))
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    (out_dir / f"mismatch_rank{rank}.txt").write_text(message)
     dist.barrier()
     dist.destroy_process_group()

@@ -95,6 +95,12 @@ def test_global_matches_single_process(ranks, single, case):
                 assert torch.allclose(r["grads"][name], g, rtol=1e-9, atol=1e-12), name
 
 
+def test_ranks_disagreeing_on_k_all_raise(ranks):
+    world, out = ranks
+    for r in range(world):
+        assert "must have the same K and d on every rank" in (out / f"mismatch_rank{r}.txt").read_text()
+
+
 def test_shard_partition():
     for n in (1, 2, 5, 6, 12):
         for world in (1, 2, 3, 8):
