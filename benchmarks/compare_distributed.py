@@ -37,7 +37,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     K, B, d = 3, args.b_local, args.dim
     out = {}
     for scope in ("local", "global"):

@@ -11,13 +11,11 @@ out, so no rank solves all of them:
 3. the ``S * P`` problems of the step (flat index ``j = s * P + p``, the row order of ``align``'s Z)
    are dealt round-robin, rank r solving ``j % W == r``; its scores, noise and the batched
    ``qap_solve`` cover only those;
-4. the partial losses ``l_r = sum_{j in shard r} hamming_j / (S P)`` are summed by an autograd
-   all-reduce, so every rank returns the global loss ``L = sum_r l_r``, the value of the
-   single-process ``align`` on the concatenated batch.
+4. the partial losses ``l_r = sum_{j in shard r} hamming_j / (S P)`` are summed over the ranks,
+   so every rank returns the global loss ``L = sum_r l_r``, the value of the single-process
+   ``align`` on the concatenated batch.
 
-Gradient convention (the data-parallel one, as DDP and FSDP expect). The all-reduce's backward
-sums the incoming gradients of the W ranks, so when every rank backpropagates ``c * L`` each
-``l_r`` receives ``W c``: for every rank r,
+Gradient convention (the data-parallel one, as DDP and FSDP expect): for every rank r,
 
     x_r.grad        = W * dL/dx_r         (dL/dx_r: the single-process gradient of rank r's rows)
     theta.grad (r)  = W * dl_r/dtheta     (the alignment module's own parameters)
@@ -27,7 +25,12 @@ single-process gradient ``dL/dtheta`` for the module's weights and ``dL/dphi`` f
 parameter upstream of x (the encoders that make x_r). This is the same factor W that DDP's
 averaged task loss gives its inputs: the task loss of rank r is ``W`` times its share of the
 global mean. Without a data-parallel wrapper, average the parameter gradients over ranks
-(``all_reduce(SUM) / W``) to get the single-process ones.
+(``all_reduce(SUM) / W``) to get the single-process ones. How: the sum's backward hands every
+rank the *mean* of the ranks' incoming gradients, so the solver's estimator (not linear in
+``dL/dZ``: it re-solves at ``theta - lambda dL/dZ``) sees the single-process ``dL/dZ``; the factor W
+is applied to the scores' gradients after the solver, where everything is linear.
+
+The collectives run on a group of their own (:func:`alignment_group`), apart from DDP's/FSDP's.
 
 Noise: rank 0's default generator (of x's device) is the source. Its state is broadcast; rank 0
 draws from the default generator itself and the other ranks from a private generator set to the
@@ -352,8 +355,10 @@ def alignment_group(module):
 
 
 def check_graph_scope(graph_scope: str) -> None:
+    """``graph_scope`` must be ``"local"`` (per-process graphs) or ``"global"`` (graphs over the group's batch)."""
     if graph_scope not in GRAPH_SCOPES:
         raise ValueError(f"MultiGraphAlignment: graph_scope must be 'local' or 'global', got {graph_scope!r}")
 
 
-__all__ = ["GRAPH_SCOPES", "alignment_group", "gather_batch", "global_align", "global_forward", "shard", "shared_generator"]
+__all__ = ["GRAPH_SCOPES", "alignment_group", "gather_batch", "global_align", "global_forward", "shard",
+           "shared_generator"]
