@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import exgramed_kernels as ek  # noqa: E402
-from exgramed_kernels.align import _edge_features, problem_graphs, sample_gumbel  # noqa: E402
+from exgramed_kernels.align import (  # noqa: E402
+    _edge_cosines_scaled, _inverse_edge_lengths, problem_graphs, sample_gumbel)
 
 K, KNN = 3, 5
 
@@ -192,8 +193,9 @@ def ours_stages(m, x, times):
         nbr1 = nbr[src]
         nbr2 = nbr1 if o["copy_structure"] else nbr[dst]
         U = torch.bmm(hn[src], hn[dst].transpose(1, 2)) - 0.5 + o["noise_scale"] * sample_gumbel((len(src), B, B))
-        E1, E2 = _edge_features(h[src], nbr1), _edge_features(h[dst], nbr2)
-        Q = 0.5 * (torch.bmm(E1, E2.transpose(1, 2)) - 0.5)
+        w = _inverse_edge_lengths(h, nbr)
+        w2 = _inverse_edge_lengths(h[dst], nbr2) if o["copy_structure"] else w[dst]
+        Q = _edge_cosines_scaled(h[src], h[dst], nbr1, nbr2, 0.5, w[src], w2) - 0.25
         lap("scores")
         torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, m.solver, m.max_iter, m.tol, m.restarts,
                                      o["partial"], 0, "imle", 80.0)
@@ -335,6 +337,7 @@ def main():
     ap.add_argument("--skip-learning", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for the speed runs (0: torch's default)")
+    ap.add_argument("--sizes", default="", help="B:d,B:d,... instead of the full grid")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "align.md"))
     a = ap.parse_args()
     learn_tables, speed_rows = [], []
@@ -368,6 +371,8 @@ def main():
         if a.threads:
             torch.set_num_threads(a.threads)
         sizes = [(16, 512)] if a.quick else [(16, 512), (64, 512), (256, 512), (16, 4096), (64, 4096), (256, 4096)]
+        if a.sizes:
+            sizes = [tuple(int(v) for v in sz.split(":")) for sz in a.sizes.split(",")]
         speed_rows = speed(sizes, 3, 1)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     write(a.out, speed_rows, learn_tables)

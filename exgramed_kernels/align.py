@@ -152,21 +152,25 @@ def _signed_incidence(nbr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return M.scatter_add_(2, nbr.reshape(P, N * k, 1), torch.full((P, N * k, 1), -1.0, dtype=dtype, device=nbr.device))
 
 
-def _edge_cosines_scaled(h1, h2, nbr1, nbr2, scale: float) -> torch.Tensor:
-    """``scale *`` :func:`_edge_cosines`, with the scale folded into the edge lengths.
+def _inverse_edge_lengths(h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """``1 / max(|h_i - h_j|, 1e-12)`` per edge (F.normalize's convention): [G, N, h] -> [G, N k]."""
+    G, N, k = nbr.shape
+    tails = torch.gather(h, 1, nbr.reshape(G, N * k, 1).expand(G, N * k, h.shape[-1]))
+    return (h.repeat_interleave(k, dim=1) - tails).norm(dim=-1).clamp_min(1e-12).reciprocal()
+
+
+def _edge_cosines_scaled(h1, h2, nbr1, nbr2, scale: float, w1=None, w2=None) -> torch.Tensor:
+    """``scale *`` :func:`_edge_cosines`; ``w1``, ``w2`` the inverse edge lengths if already known.
 
     ``<h1_i - h1_j, h2_a - h2_b> = (M1 C M2^T)[e, f]`` with the signed incidence matrices M of the
     edges: two small GEMMs (``Nk x N x N`` and ``Nk x N x Nk``) instead of gathers.
     """
-    P, N, k = nbr1.shape
-    Nk = N * k
     C = torch.bmm(h1, h2.transpose(1, 2))  # [P, N, N]
     M1 = _signed_incidence(nbr1, C.dtype)
     M2 = _signed_incidence(nbr2, C.dtype)
     inner = torch.bmm(torch.bmm(M1, C), M2.transpose(1, 2))  # [P, Nk, Nk]
-    # 1 / max(|h_i - h_j|, 1e-12) (F.normalize's convention), the differences again as a GEMM.
-    w1 = torch.bmm(M1, h1).norm(dim=-1).clamp_min(1e-12).reciprocal() * scale
-    w2 = torch.bmm(M2, h2).norm(dim=-1).clamp_min(1e-12).reciprocal()
+    w1 = (_inverse_edge_lengths(h1, nbr1) if w1 is None else w1) * scale
+    w2 = _inverse_edge_lengths(h2, nbr2) if w2 is None else w2
     return inner * w1.unsqueeze(2) * w2.unsqueeze(1)
 
 
@@ -198,7 +202,11 @@ def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=N
         nbr2 = nbr1 if copy_structure else nbr[dst]
         # Unary cos(h1_i, h2_a) - 0.5 and quadratic 0.5 (<e1, e2> - 0.5), noise added below.
         U = torch.bmm(hn[src], hn[dst].transpose(1, 2)) - 0.5
-        Q = _edge_cosines_scaled(h[src], h[dst], nbr1, nbr2, 0.5) - 0.25
+        # Edge lengths once per graph (each graph sits in several problems); with copied structure,
+        # graph 2's edges follow graph 1's table, so its lengths are per problem.
+        w = _inverse_edge_lengths(h, nbr)
+        w2 = _inverse_edge_lengths(h[dst], nbr2) if copy_structure else w[dst]
+        Q = _edge_cosines_scaled(h[src], h[dst], nbr1, nbr2, 0.5, w[src], w2) - 0.25
         S = 1
         for noise in (unary_noise, quadratic_noise):
             if noise is not None:

@@ -62,8 +62,7 @@ REAL_IMAGES = {
 
 
 def _real_arrays() -> dict:
-    """Load the real images as uint8 RGB arrays (DICOMs are also copied as files)."""
-    import pydicom
+    """The real images: uint8 RGB arrays, and the paths of the two DICOM files (shipped as they are)."""
     import skimage.data as skd
     from pydicom.data import get_testdata_file
 
@@ -76,7 +75,7 @@ def _real_arrays() -> dict:
            "ihc": skd.immunohistochemistry()}
     for name, fname in (("ct", "CT_small.dcm"), ("mr", "MR_small.dcm")):
         out[name] = get_testdata_file(fname, download=False)  # a path: shipped as DICOM
-    return {k: (v if isinstance(v, str) else v) for k, v in out.items()}
+    return out
 
 
 def _chest_image(rng: np.random.Generator, count: int, side: str, size: str) -> tuple[np.ndarray, list]:

@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -342,7 +342,3 @@ def _load_checkpoint(ckpt: Path, model, opt, sched, rank) -> int:
         model.align.step = state["align_calls"]
     _set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False))
     return int(state["step"])
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

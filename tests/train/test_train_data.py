@@ -90,7 +90,6 @@ def test_overlength_is_an_error_or_a_counted_warning(tmp_path, tok, caplog):
 
 
 def test_dicom_images_load_and_collate(tmp_path, tok):
-    from exgramed_train.vision import HFCLIPVision  # noqa: F401 - imported for its preprocess contract
     s = load_records(write(tmp_path, [rec("ct", image="ct.dcm"), rec("mr", image="mr.dcm", a="Yes, it is.")]),
                      ASSETS / "images", tok, N, 200)
     import torch

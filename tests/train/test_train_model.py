@@ -6,7 +6,7 @@ import torch
 
 from exgramed_train.data import IM_END, IM_PATCH, IM_START, ImageTextDataset, collate, load_records
 from exgramed_train.make_demo import ASSETS
-from exgramed_train.model import LlavaMed, ModelSpec, build_projector, pool
+from exgramed_train.model import LlavaMed, build_projector, pool
 
 
 @pytest.fixture(scope="module")
