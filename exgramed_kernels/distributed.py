@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .align import _check_align_args, _edge_cosines_scaled, problem_graphs, sample_gumbel
+from .align import _check_align_args, _edge_cosines_scaled, _inverse_edge_lengths, problem_graphs, sample_gumbel
 
 GRAPH_SCOPES = ("local", "global")
 
@@ -266,7 +266,10 @@ def _shard_loss(group, x, ws, unary_noise, quadratic_noise, dropout_mask, jobs, 
     nbr1 = nbr[a]
     nbr2 = nbr1 if copy_structure else nbr[b]
     U = torch.bmm(hn[a], hn[b].transpose(1, 2)) - 0.5
-    Q = _edge_cosines_scaled(h[a], h[b], nbr1, nbr2, 0.5) - 0.25
+    # Edge lengths once per graph, as align does (graph 2 of a copied structure: per problem).
+    w = _inverse_edge_lengths(h, nbr)
+    w2 = _inverse_edge_lengths(h[b], nbr2) if copy_structure else w[b]
+    Q = _edge_cosines_scaled(h[a], h[b], nbr1, nbr2, 0.5, w[a], w2) - 0.25
     if unary_noise is not None:
         sel = p_of if unary_noise.shape[1] == P else [0] * len(jobs)
         U = torch.add(U, unary_noise[s_of, sel].to(dtype), alpha=noise_scale)

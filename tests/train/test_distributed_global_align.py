@@ -24,7 +24,7 @@ def test_torchrun_stage2_global_alignment(tmp_path, stage1_model, subset):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "exgramed_train", "stage2", "--init-from", str(stage1_model), "--data", data,
            "--image-folder", str(ASSETS / "images"), "--out", str(out), "--micro-batch", "4",
-           "--max-length", "160", "--epochs", "1", "--lr", "1e-3", "--align-k", "3", "--no-progress",
+           "--max-length", "192", "--epochs", "1", "--lr", "1e-3", "--align-k", "3", "--no-progress",
            "--align-option", "graph_scope=global", "--align-option", "restarts=2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
