@@ -12,3 +12,5 @@ from .graph_conv import GraphConvNet, graph_conv  # noqa: F401
 from .assignment import linear_assignment  # noqa: F401
 from .qap import qap_gradient, qap_objective, qap_solve  # noqa: F401
 from .align import MultiGraphAlignment, align  # noqa: F401
+from .graph_conv import GraphConvNet, graph_conv  # noqa: F401
+from .distributed import global_align  # noqa: F401

@@ -305,6 +305,7 @@ class AlignmentOutput:
     accuracy: torch.Tensor
     Z: torch.Tensor
     noise_scale: float
+    problems: list[int] | None = None  # graph_scope="global": the flat problems (rows of the global Z) in Z
 
 
 class MultiGraphAlignment(nn.Module):
@@ -332,6 +333,10 @@ class MultiGraphAlignment(nn.Module):
             averaged), mode ("barycenter" or "pairwise"), solver ("fw", "sinkhorn"), max_iter,
             tol, restarts, metric, aggr, reverse, copy_structure, partial, shared_noise,
             quadratic_noise (perturb Q as well; default True), dropout, bias.
+        graph_scope: ``"local"`` (default, the official behaviour: graphs over this process's batch)
+            or ``"global"``: graphs over the batch of all ranks of ``process_group`` (default: the
+            whole world), problems sharded across ranks, gradients in DDP's convention
+            (``exgramed_kernels.distributed``, ``docs/distributed.md``).
 
     In eval mode there is no dropout; the noise is still sampled (the loss is defined with it)
     unless ``noise_scale`` is 0. Randomness comes from torch's generator, so ``torch.manual_seed``
@@ -343,8 +348,12 @@ class MultiGraphAlignment(nn.Module):
                  noise_schedule: Callable[[int], float] | None = None, samples: int = 1,
                  mode: str = "barycenter", solver: str = "fw", max_iter: int = 30, tol: float = 1e-6,
                  restarts: int = -1, aggr: str = "max", quadratic_noise: bool = True, bias: bool = True,
-                 **options):
+                 graph_scope: str = "local", process_group=None, **options):
         super().__init__()
+        from .distributed import check_graph_scope
+
+        check_graph_scope(graph_scope)  # "global": graphs over the data-parallel batch (distributed.py)
+        self.graph_scope, self.process_group = graph_scope, process_group
         opts = dict(OFFICIAL if official else DEFAULTS)
         unknown = set(options) - set(opts)
         if unknown:
@@ -388,6 +397,10 @@ class MultiGraphAlignment(nn.Module):
         return float(self.opts["noise_scale"])
 
     def forward(self, x: torch.Tensor) -> AlignmentOutput:
+        if self.graph_scope == "global":
+            from .distributed import global_forward
+
+            return global_forward(self, x)
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise RuntimeError(f"MultiGraphAlignment: x must have shape [K, B, {self.dim}], got {tuple(x.shape)}")
         K, N, _ = x.shape
@@ -422,4 +435,5 @@ class MultiGraphAlignment(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, k={self.k}, official={self.official}, mode={self.mode}, "
+                f"graph_scope={self.graph_scope}, "
                 f"solver={self.solver}, samples={self.samples}, {self.opts}")
