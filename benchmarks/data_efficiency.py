@@ -114,29 +114,26 @@ def _candidates(questions: list) -> dict:
 
 
 @torch.no_grad()
-def _answer_logprob(model, pixels: torch.Tensor, question: str, answers: list[str], batch: int = 32) -> torch.Tensor:
-    """Teacher-forced log p(answer | image, question) of each answer (log-sum-exp over the
-    answer as written and with a capital first letter)."""
-    from exgramed_train.data import collate, tokenize_conversation
-    from exgramed_train.data import Sample
-    variants = [(i, v) for i, a in enumerate(answers) for v in {a, a[:1].upper() + a[1:]}]
+def _answer_logprob(model, pixels: torch.Tensor, question: str, answers: list[str]) -> torch.Tensor:
+    """log p(answer | image, question) of each answer as the start of the assistant turn: the
+    generation prompt (``### Assistant:``, as greedy evaluation uses) followed by ``" " + answer``,
+    no terminator (short reference answers such as "yes" begin longer trained responses).
+    Log-sum-exp over the answer as written and with a capital first letter."""
+    from exgramed_train.data import prompt_ids
+    tok = model.tokenizer
+    prompt = prompt_ids(question, tok, model.num_patches)
+    variants = [(i, v) for i, a in enumerate(answers) for v in sorted({a, a[:1].upper() + a[1:]})]
+    conts = [tok(" " + v, add_special_tokens=False)["input_ids"] for _, v in variants]
+    width = len(prompt) + max(len(c) for c in conts)
+    pad = tok.pad_token_id
+    ids = torch.tensor([prompt + c + [pad] * (width - len(prompt) - len(c)) for c in conts])
+    mask = torch.tensor([[1] * (len(prompt) + len(c)) + [0] * (width - len(prompt) - len(c)) for c in conts])
+    img = model.image_embeddings(pixels.unsqueeze(0).expand(len(conts), *pixels.shape))
+    logits = model.lm(inputs_embeds=model.embed_with_image(ids, img), attention_mask=mask).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     scores = torch.full((len(answers),), -math.inf, dtype=torch.float64)
-    for s in range(0, len(variants), batch):
-        chunk = variants[s:s + batch]
-        items = []
-        for _, v in chunk:
-            ids, labels = tokenize_conversation([{"from": "human", "value": question}, {"from": "gpt", "value": v}],
-                                                model.tokenizer, model.num_patches)
-            items.append((Sample(id="", image="", input_ids=ids, labels=labels), pixels))
-        b = collate(items, model.tokenizer.pad_token_id)
-        img = model.image_embeddings(b["pixel_values"])
-        logits = model.lm(inputs_embeds=model.embed_with_image(b["input_ids"], img),
-                          attention_mask=b["attention_mask"]).logits.double()
-        lab = b["labels"][:, 1:]
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        tot = (lp * (lab != -100)).sum(1)
-        for (i, _), t in zip(chunk, tot):
-            scores[i] = torch.logaddexp(scores[i], t)
+    for r, ((i, _), c) in enumerate(zip(variants, conts)):
+        scores[i] = torch.logaddexp(scores[i], lp[r, len(prompt) - 1:len(prompt) - 1 + len(c)].sum())
     return scores
 
 
