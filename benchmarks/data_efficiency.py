@@ -293,6 +293,43 @@ def run_all(args) -> dict:
     return {"ran": done, "skipped": skipped, "wall_s": time.perf_counter() - start}
 
 
+def grad_norms(args, seed: int, fraction: float, batches: int = 4) -> str:
+    """Markdown table: norms of the AR loss's and the auxiliary loss's gradients over the stage-2
+    trainable parameters (and over the parameters outside the auxiliary module), at the
+    ``(seed, fraction)`` stage-1 model on the first ``batches`` stage-2 micro-batches. The trainer
+    clips the global norm of their sum (alpha-weighted) at 1.0."""
+    from exgramed_train.data import ImageTextDataset, collate, load_records
+    from exgramed_train.model import LlavaMed
+    from exgramed_train.training import configure_trainable, epoch_batches, TrainConfig
+    s1 = _stage1(args, seed, fraction)
+    norm = lambda gs: float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None)))  # noqa: E731
+    lines = ["| aux loss | AR grad norm | aux grad norm | aux grad norm outside the aux module | largest aux grads |",
+             "| --- | --- | --- | --- | --- |"]
+    for kind in ("alignment", "infonce", "siglip"):
+        torch.manual_seed(seed)
+        model = LlavaMed.load(s1, with_alignment=True, align_k=args.align_k, aux_loss=kind,
+                              align_options=args.align_options if kind == "alignment" else {})
+        params = configure_trainable(model, "stage2")
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        samples = load_records(args.stage2, args.image_folder, model.tokenizer, model.num_patches, args.max_length,
+                               need_long=True)
+        ds = ImageTextDataset(samples, args.image_folder, model.vision.preprocess)
+        cfg = TrainConfig(stage="stage2", data=args.stage2, image_folder=args.image_folder, out="-", seed=seed,
+                          micro_batch=args.micro_batch)
+        rows = []
+        for idx in epoch_batches(len(ds), 0, cfg, 0, 1)[:batches]:
+            r = model(collate([ds[i] for i in idx], model.tokenizer.pad_token_id), align=True)
+            ar = torch.autograd.grad(r["ar_loss"], params, allow_unused=True, retain_graph=True)
+            aux = torch.autograd.grad(r["align_loss"], params, allow_unused=True)
+            top = sorted(((float(g.norm()), n) for g, n in zip(aux, names) if g is not None), reverse=True)[:3]
+            rows.append((norm(ar), norm(aux), norm([g for g, n in zip(aux, names) if not n.startswith("align.")]), top))
+        med = lambda v: statistics.median(v)  # noqa: E731
+        lines.append(f"| {kind} | {med([r[0] for r in rows]):.3g} | {med([r[1] for r in rows]):.3g} | "
+                     f"{med([r[2] for r in rows]):.3g} | "
+                     + ", ".join(f"{n} {v:.3g}" for v, n in rows[0][3]) + " |")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------- report
 def load_results(args) -> list[dict]:
     out = []
@@ -330,8 +367,9 @@ def _fmt(mean, std, pct):
 def table(args, results: list[dict]) -> str:
     summ = summarize(results)
     head = ("| stage-1 data | arm | n | VQA closed % | open recall % | open F1 % | VQA avg % | forced-choice closed % "
-            "| forced-choice open % | answer NLL | grounding (NLL gain from the right image) | stage-2 s |")
-    lines = [head, "|" + " --- |" * 12]
+            "| forced-choice open % | answer NLL | grounding (NLL gain from the right image) | final stage-2 AR loss "
+            "| stage-2 s |")
+    lines = [head, "|" + " --- |" * 13]
     for fraction in args.fractions:
         for arm in args.arms:
             s = summ.get((fraction, arm))
@@ -341,7 +379,8 @@ def table(args, results: list[dict]) -> str:
             num = lambda m: _fmt(s[m][0], s[m][1], False)  # noqa: E731
             lines.append(f"| {100 * fraction:g} % | {ARMS[arm]['label']} | {s['closed'][2]} | {pct('closed')} | "
                          f"{pct('open_recall')} | {pct('open_f1')} | {pct('vqa_avg')} | {pct('fc_closed')} | "
-                         f"{pct('fc_open')} | {num('nll')} | {num('grounding')} | {s['stage2_s'][0]:.0f} |")
+                         f"{pct('fc_open')} | {num('nll')} | {num('grounding')} | {num('final_ar_loss')} | "
+                         f"{s['stage2_s'][0]:.0f} |")
     return "\n".join(lines)
 
 
@@ -439,6 +478,8 @@ def parse_args(argv=None):
     p.add_argument("--results", default="runs/data_efficiency/report.md",
                    help="markdown table to write (the plot goes next to it as .png)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from --out")
+    p.add_argument("--grad-norms", action="store_true",
+                   help="only print AR vs auxiliary gradient norms at the first seed's smallest-fraction stage-1 model")
     args = p.parse_args(argv)
     if args.llm and not args.vision:
         p.error("--llm needs --vision")
@@ -450,6 +491,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python benchmarks/data_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.grad_norms:
+        torch.set_num_threads(args.threads)
+        print(grad_norms(args, args.seeds[0], min(args.fractions)))
+        return 0
     run = None if args.report_only else run_all(args)
     text = write_report(args, run, command)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

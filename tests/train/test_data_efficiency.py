@@ -38,7 +38,7 @@ def test_candidates_for_forced_choice(de):
     assert cands == ["left", "right"] and cands[ref] == side["conversations"][1]["value"]
 
 
-def test_smoke_run_has_every_arm(de, tiny, subset, tmp_path):
+def test_smoke_run_has_every_arm(de, tiny, subset, tmp_path, capsys):
     d = tmp_path / "data"
     d.mkdir()
     s1 = subset("stage1.json", d / "s1.json", 16)
@@ -64,3 +64,8 @@ def test_smoke_run_has_every_arm(de, tiny, subset, tmp_path):
     r = json.loads((tmp_path / "run" / "seed0" / "frac0.1" / "align" / "result.json").read_text())
     assert r["stage2_steps"] == 2 and 0 <= r["fc_closed"] <= 1 and r["nll"] > 0
     assert de.run_all(de.parse_args(argv))["ran"] == 0
+    # the gradient-norm diagnostic reuses the stage-1 model and prints one row per auxiliary loss
+    capsys.readouterr()
+    assert de.main(argv + ["--grad-norms"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| alignment", "| infonce", "| siglip"))]
+    assert len(rows) == 3 and all(float(r.split("|")[2]) > 0 for r in rows)
