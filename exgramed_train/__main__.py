@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     s2.add_argument("--official-pooling", action="store_true", help="mean-pool over pads too (official code)")
     s2.add_argument("--align-option", action="append", metavar="KEY=VALUE",
                     help="extra MultiGraphAlignment option (JSON value), repeatable")
+    s2.add_argument("--aux-loss", choices=["alignment", "infonce", "siglip", "none"], default="alignment",
+                    help="auxiliary loss added with weight --alpha (see exgramed_train/contrastive.py)")
     s2.add_argument("--tune-vision", action="store_true")
     _train_args(s2)
 
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
         else:
             overrides = dict(alpha=args.alpha, align_k=args.align_k, align_hidden=args.align_hidden,
                              align_text=args.align_text, official_pooling=args.official_pooling,
-                             align_options=_align_options(args.align_option))
+                             align_options=_align_options(args.align_option), aux_loss=args.aux_loss)
             factory = lambda: LlavaMed.load(args.init_from, with_alignment=True, **overrides)  # noqa: E731
         print(json.dumps(train(_config(args, args.cmd), factory), indent=1))
     elif args.cmd == "evaluate":

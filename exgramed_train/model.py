@@ -46,6 +46,7 @@ class ModelSpec:
     align_hidden: int | None = None
     align_options: dict = field(default_factory=dict)
     alpha: float = 1.0
+    aux_loss: str = "alignment"  # stage-2 auxiliary loss: alignment, infonce, siglip, none (contrastive.py)
 
 
 def build_projector(kind: str, d_in: int, d_out: int) -> nn.Module:
@@ -84,9 +85,9 @@ class LlavaMed(nn.Module):
         self.patch_id = self.tokenizer.convert_tokens_to_ids(IM_PATCH)
         self.num_patches = self.vision.num_patches
         self.align = None
-        if with_alignment:
-            from exgramed_kernels import MultiGraphAlignment
-            self.align = MultiGraphAlignment(d, hidden=spec.align_hidden, k=spec.align_k, **spec.align_options)
+        if with_alignment:  # aux_loss "alignment" without ablation keys is a plain MultiGraphAlignment
+            from .contrastive import build_aux_loss
+            self.align = build_aux_loss(spec.aux_loss, d, spec.align_hidden, spec.align_k, spec.align_options)
 
     def _add_image_tokens(self) -> None:
         n_old = len(self.tokenizer)
