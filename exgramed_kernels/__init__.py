@@ -8,3 +8,7 @@ from ._backend import HAS_EXTENSION  # noqa: F401
 from .knn import knn_graph, reverse_neighbors  # noqa: F401
 
 __version__ = "0.1.0"
+from .assignment import linear_assignment  # noqa: F401
+from .qap import qap_gradient, qap_objective, qap_solve  # noqa: F401
+from .align import MultiGraphAlignment, align  # noqa: F401
+from .graph_conv import GraphConvNet, graph_conv  # noqa: F401

@@ -5,3 +5,7 @@ baseline the benchmarks measure, and the kernels used when the extension is not 
 One import line per op module (branches append lines; see .gitattributes).
 """
 from .knn import knn_graph, pairwise_distance  # noqa: F401
+from .graph_conv import graph_conv  # noqa: F401
+from .assignment import linear_assignment  # noqa: F401
+from .qap import implicit_q, qap_gradient, qap_objective, qap_solve  # noqa: F401
+from .align import align, edge_pair_indicator, hamming_loss, problem_graphs  # noqa: F401

@@ -1,0 +1,569 @@
+// qap_solve and qap_gradient, CPU kernels. One task per (problem, start), tasks in parallel;
+// each task runs Frank-Wolfe (or graduated assignment) single-threaded in float64 with its
+// own linear-assignment workspace (warm-started from the previous iteration's column
+// potentials), then 2-opt. The per-iteration hot spot is the gradient of the quadratic term,
+// one pass over the dense Q table (2 multiply-adds per entry, contiguous in f).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "assignment.h"
+#include "qap.h"
+#include "qap_driver.h"
+
+namespace exgramed {
+namespace {
+
+// One problem's data: U and Q row-major, neighbour tables, and the reverse (in-edge) lists
+// the 2-opt gradient updates need (edges in increasing id: deterministic).
+template <typename qt>
+struct Problem {
+  int64_t N = 0, k = 0, Nk = 0;
+  const double* U = nullptr;
+  const qt* Q = nullptr;  // [Nk, Nk]
+  const int64_t* nbr1 = nullptr;
+  const int64_t* nbr2 = nullptr;
+  bool partial = false;
+  std::vector<int64_t> in1_ptr, in1_e, in2_ptr, in2_f;
+  std::vector<char> near1;  // near1[i*N+j]: an edge of graph 1 joins i and j, or a self-loop sits on i or j
+
+  void build_reverse() {
+    near1.assign(N * N, 0);
+    std::vector<char> loop(N, 0);
+    for (int64_t e = 0; e < Nk; ++e) {
+      const int64_t i = e / k, j = nbr1[e];
+      near1[i * N + j] = near1[j * N + i] = 1;
+      if (i == j) loop[i] = 1;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (!loop[i]) continue;
+      for (int64_t j = 0; j < N; ++j) near1[i * N + j] = near1[j * N + i] = 1;
+    }
+    auto rev = [&](const int64_t* nbr, std::vector<int64_t>& ptr, std::vector<int64_t>& lst) {
+      ptr.assign(N + 1, 0);
+      for (int64_t e = 0; e < Nk; ++e) ++ptr[nbr[e] + 1];
+      for (int64_t j = 0; j < N; ++j) ptr[j + 1] += ptr[j];
+      lst.assign(Nk, 0);
+      std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
+      for (int64_t e = 0; e < Nk; ++e) lst[fill[nbr[e]]++] = e;
+    };
+    rev(nbr1, in1_ptr, in1_e);
+    rev(nbr2, in2_ptr, in2_f);
+  }
+};
+
+// out = grad q(X) (N x N); xg: scratch N*Nk, xg[j, f] = X[j, t2(f)].
+template <typename qt>
+void grad_q(const Problem<qt>& p, const double* X, double* out, double* xg) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk;
+  std::fill(out, out + N * N, 0.0);
+  for (int64_t j = 0; j < N; ++j) {
+    for (int64_t f = 0; f < Nk; ++f) xg[j * Nk + f] = X[j * N + p.nbr2[f]];
+  }
+  for (int64_t e = 0; e < Nk; ++e) {
+    const int64_t i = e / k, j = p.nbr1[e];
+    const qt* qrow = p.Q + e * Nk;
+    const double* xgj = xg + j * Nk;
+    const double* xi = X + i * N;
+    double* os = out + i * N;
+    double* ot = out + j * N;
+    for (int64_t a = 0; a < N; ++a) {
+      // source term: (i, a) <- Q[e, f] X[t1(e), t2(f)] over the out-edges f of a
+      double acc = 0.0;
+      for (int64_t t = 0; t < k; ++t) acc += static_cast<double>(qrow[a * k + t]) * xgj[a * k + t];
+      os[a] += acc;
+      // target term: (t1(e), t2(f)) <- Q[e, f] X[s1(e), a]
+      const double xa = xi[a];
+      if (xa != 0.0) {
+        for (int64_t t = 0; t < k; ++t) ot[p.nbr2[a * k + t]] += static_cast<double>(qrow[a * k + t]) * xa;
+      }
+    }
+  }
+}
+
+// q(P) of a (partial) permutation, perm[i] = column of row i or -1: O(N k^2).
+template <typename qt>
+double quad_perm(const Problem<qt>& p, const int64_t* perm) {
+  if (p.Q == nullptr) return 0.0;
+  const int64_t k = p.k, Nk = p.Nk;
+  double s = 0.0;
+  for (int64_t i = 0; i < p.N; ++i) {
+    const int64_t a = perm[i];
+    if (a < 0) continue;
+    for (int64_t si = 0; si < k; ++si) {
+      const int64_t e = i * k + si, b = perm[p.nbr1[e]];
+      if (b < 0) continue;
+      for (int64_t t = 0; t < k; ++t) {
+        if (p.nbr2[a * k + t] == b) s += static_cast<double>(p.Q[e * Nk + a * k + t]);
+      }
+    }
+  }
+  return s;
+}
+
+inline double dot_perm(const double* M, const int64_t* perm, int64_t N) {
+  double s = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (perm[i] >= 0) s += M[i * N + perm[i]];
+  }
+  return s;
+}
+
+inline double dot(const double* a, const double* b, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename qt>
+double objective_perm(const Problem<qt>& p, const int64_t* perm) {
+  return dot_perm(p.U, perm, p.N) + quad_perm(p, perm);
+}
+
+// Per-task scratch.
+struct Work {
+  LapWorkspace lap, lap2;
+  std::vector<double> X, gq, gf, xg, S, L, colmax;
+  std::vector<int64_t> P, best, ext;
+  void resize(int64_t N, int64_t k) {
+    X.resize(N * N);
+    gq.resize(N * N);
+    gf.resize(N * N);
+    S.resize(N * N);
+    xg.resize(N * N * std::max<int64_t>(k, 1));
+    L.resize(4 * N * N);
+    colmax.resize(2 * N);
+    P.resize(N);
+    best.resize(N);
+    ext.resize(2 * N);
+  }
+};
+
+// The vertex maximising <S, P>: LAP of S (of max(S, 0) with the non-positive pairs dropped
+// for partial permutations: max over partial permutations = that, as extending a partial
+// matching by pairs of score >= 0 never lowers it).
+template <typename qt>
+void vertex_oracle(const Problem<qt>& p, const double* S, Work& w, bool warm, int64_t* perm) {
+  lap_solve(S, p.N, /*maximize=*/true, p.partial, w.lap, warm);
+  for (int64_t i = 0; i < p.N; ++i) {
+    const int64_t j = w.lap.col4row[i];
+    perm[i] = (p.partial && !(S[i * p.N + j] > 0)) ? -1 : j;
+  }
+}
+
+template <typename qt>
+void keep_if_better(const Problem<qt>& p, const int64_t* perm, double& best_f, int64_t* best) {
+  const double f = objective_perm(p, perm);
+  if (f > best_f) {
+    best_f = f;
+    std::copy(perm, perm + p.N, best);
+  }
+}
+
+// Frank-Wolfe from w.X; the best vertex seen goes to w.best. f along X + t (P - X) is
+// f(X) + t <grad f(X), P - X> + t^2 q(P - X), q(P - X) = q(P) - <grad q(X), P> + q(X).
+template <typename qt>
+double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol) {
+  const int64_t N = p.N, NN = N * N;
+  double best_f = -std::numeric_limits<double>::infinity();
+  for (int64_t it = 0; it < max_iter; ++it) {
+    grad_q(p, w.X.data(), w.gq.data(), w.xg.data());
+    for (int64_t x = 0; x < NN; ++x) w.gf[x] = p.U[x] + w.gq[x];
+    vertex_oracle(p, w.gf.data(), w, it > 0, w.P.data());
+    keep_if_better(p, w.P.data(), best_f, w.best.data());
+    const double qX = 0.5 * dot(w.gq.data(), w.X.data(), NN);
+    const double fX = dot(p.U, w.X.data(), NN) + qX;
+    const double gap = dot_perm(w.gf.data(), w.P.data(), N) - dot(w.gf.data(), w.X.data(), NN);
+    if (gap <= tol * std::max(1.0, std::abs(fX))) break;
+    const double b = quad_perm(p, w.P.data()) - dot_perm(w.gq.data(), w.P.data(), N) + qX;
+    const double t = b < 0 ? std::min(1.0, -gap / (2 * b)) : 1.0;
+    for (int64_t x = 0; x < NN; ++x) w.X[x] *= (1.0 - t);
+    for (int64_t i = 0; i < N; ++i) {
+      if (w.P[i] >= 0) w.X[i * N + w.P[i]] += t;
+    }
+  }
+  vertex_oracle(p, w.X.data(), w, false, w.P.data());  // the rounding of the last iterate
+  keep_if_better(p, w.P.data(), best_f, w.best.data());
+  return best_f;
+}
+
+// Sinkhorn of exp(grad f / T) (N x N, or 2N x 2N with zero-score dummies for partial) into
+// w.X (and the extended matrix into w.L for partial). Exponentials are taken once, shifted by
+// each row's maximum (every row keeps an entry 1); the sweeps are multiplicative. A line whose
+// entries all underflow gets scale 0 (it stays 0) instead of a division by zero.
+template <typename qt>
+void sinkhorn(const Problem<qt>& p, Work& w, double T) {
+  const int64_t N = p.N, M = p.partial ? 2 * N : N;
+  double* K = w.L.data();
+  for (int64_t i = 0; i < M; ++i) {
+    double mx = 0.0;  // dummy entries have score 0
+    if (i < N) {
+      mx = p.partial ? 0.0 : -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < N; ++j) mx = std::max(mx, w.gf[i * N + j]);
+    }
+    for (int64_t j = 0; j < M; ++j) K[i * M + j] = std::exp((((i < N && j < N) ? w.gf[i * N + j] : 0.0) - mx) / T);
+  }
+  std::vector<double> cs(M);
+  for (int64_t sweep = 0; sweep < kSinkhornInner; ++sweep) {
+    for (int64_t i = 0; i < M; ++i) {
+      double* r = K + i * M;
+      double s = 0.0;
+      for (int64_t j = 0; j < M; ++j) s += r[j];
+      const double sc = s >= std::numeric_limits<double>::min() ? 1.0 / s : 0.0;
+      for (int64_t j = 0; j < M; ++j) r[j] *= sc;
+    }
+    std::fill(cs.begin(), cs.end(), 0.0);
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < M; ++j) cs[j] += K[i * M + j];
+    }
+    for (int64_t j = 0; j < M; ++j) cs[j] = cs[j] >= std::numeric_limits<double>::min() ? 1.0 / cs[j] : 0.0;
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < M; ++j) K[i * M + j] *= cs[j];
+    }
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t j = 0; j < N; ++j) w.X[i * N + j] = K[i * M + j];
+  }
+}
+
+// Graduated assignment from w.X: X <- Sinkhorn(exp(grad f(X) / T)), T from t_scale times the
+// first gradient's range down to kSinkhornTRatio of it geometrically; each iterate rounded by LAP.
+template <typename qt>
+double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, double tol, double t_scale) {
+  const int64_t N = p.N, NN = N * N;
+  double best_f = -std::numeric_limits<double>::infinity();
+  double T0 = 1.0;
+  std::vector<double> prev(NN);
+  for (int64_t it = 0; it < max_iter; ++it) {
+    grad_q(p, w.X.data(), w.gq.data(), w.xg.data());
+    for (int64_t x = 0; x < NN; ++x) w.gf[x] = p.U[x] + w.gq[x];
+    if (it == 0) {
+      const auto mm = std::minmax_element(w.gf.begin(), w.gf.begin() + NN);
+      T0 = t_scale * (*mm.second - *mm.first > 0 ? *mm.second - *mm.first : 1.0);
+    }
+    const double T = T0 * std::pow(kSinkhornTRatio, double(it) / double(std::max<int64_t>(1, max_iter - 1)));
+    std::copy(w.X.begin(), w.X.begin() + NN, prev.begin());
+    sinkhorn(p, w, T);
+    if (p.partial) {
+      // Round the extended matrix: a row whose mass sits on the dummies stays unmatched.
+      lap_solve(w.L.data(), 2 * N, /*maximize=*/true, false, w.lap2, false);
+      for (int64_t i = 0; i < N; ++i) w.P[i] = w.lap2.col4row[i] < N ? w.lap2.col4row[i] : -1;
+    } else {
+      vertex_oracle(p, w.X.data(), w, it > 0, w.P.data());
+    }
+    keep_if_better(p, w.P.data(), best_f, w.best.data());
+    double change = 0.0;
+    for (int64_t x = 0; x < NN; ++x) change = std::max(change, std::abs(w.X[x] - prev[x]));
+    if (change <= tol) break;
+  }
+  return best_f;
+}
+
+// 2-opt on w.best: swap the columns of rows i < j while f increases. With partial, rows and
+// columns N..2N-1 are dummies (score 0, no edges): swapping with them matches/unmatches.
+// Delta of a swap D = P' - P: <U, D> + <grad q(P), D> + q(D); q(D) only over edges inside
+// {i, j} x {a, b}; grad q(P) is kept up to date by adding grad q(D) (O(k^2 + in-degree^2)).
+template <typename qt>
+double polish(const Problem<qt>& p, Work& w) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk, M = p.partial ? 2 * N : N;
+  int64_t* ext = w.ext.data();
+  if (p.partial) {
+    std::vector<char> used(N, 0);
+    for (int64_t i = 0; i < N; ++i) {
+      ext[i] = w.best[i] >= 0 ? w.best[i] : N + i;
+      if (w.best[i] >= 0) used[w.best[i]] = 1;
+    }
+    int64_t r = N;
+    for (int64_t a = 0; a < N; ++a) {
+      if (!used[a]) ext[r++] = a;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (w.best[i] >= 0) ext[r++] = N + i;
+    }
+  } else {
+    std::copy(w.best.begin(), w.best.begin() + N, ext);
+  }
+  double* G = w.gq.data();
+  std::fill(w.X.begin(), w.X.begin() + N * N, 0.0);
+  for (int64_t i = 0; i < N; ++i) {
+    if (ext[i] < N) w.X[i * N + ext[i]] = 1.0;
+  }
+  grad_q(p, w.X.data(), G, w.xg.data());
+  double cur = objective_perm(p, w.best.data());
+  const double thr = 1e-12 * std::max(1.0, std::abs(cur));
+  auto u = [&](int64_t x, int64_t y) { return (x < N && y < N) ? p.U[x * N + y] + G[x * N + y] : 0.0; };
+  for (int64_t pass = 0; pass < kPolishMaxPasses; ++pass) {
+    bool improved = false;
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = i + 1; j < M; ++j) {
+        const int64_t a = ext[i], b = ext[j];
+        if ((i >= N && j >= N) || (a >= N && b >= N)) continue;  // no real entry changes
+        // D(x, c): the change of P at real (x, c) when rows i, j swap columns a, b.
+        auto D = [&](int64_t x, int64_t c) -> double {
+          if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
+          if (x == j) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
+          return 0.0;
+        };
+        double delta = u(i, b) + u(j, a) - u(i, a) - u(j, b);
+        if (k > 0 && i < N && j < N && p.near1[i * N + j]) {  // q(D) = 0 unless i, j share an edge
+          for (const int64_t x : {i, j}) {
+            for (int64_t s = 0; s < k; ++s) {
+              const int64_t e = x * k + s, y = p.nbr1[e];
+              if (y != i && y != j) continue;
+              for (const int64_t c : {a, b}) {
+                if (c >= N) continue;
+                const double dxc = D(x, c);
+                for (int64_t t = 0; t < k; ++t) {
+                  const int64_t f = c * k + t, d = p.nbr2[f];
+                  if (d != a && d != b) continue;
+                  delta += static_cast<double>(p.Q[e * Nk + f]) * dxc * D(y, d);
+                }
+              }
+            }
+          }
+        }
+        if (!(delta > thr)) continue;
+        // grad q += grad q(D): source term over in-edges of {i, j} x {a, b}, target term over out-edges.
+        if (k > 0) {
+          for (const int64_t x : {i, j}) {
+            if (x >= N) continue;
+            for (const int64_t c : {a, b}) {
+              if (c >= N) continue;
+              const double dxc = D(x, c);
+              for (int64_t q1 = p.in1_ptr[x]; q1 < p.in1_ptr[x + 1]; ++q1) {
+                const int64_t e = p.in1_e[q1];
+                for (int64_t q2 = p.in2_ptr[c]; q2 < p.in2_ptr[c + 1]; ++q2) {
+                  const int64_t f = p.in2_f[q2];
+                  G[(e / k) * N + f / k] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
+                }
+              }
+              for (int64_t s = 0; s < k; ++s) {
+                const int64_t e = x * k + s;
+                for (int64_t t = 0; t < k; ++t) {
+                  const int64_t f = c * k + t;
+                  G[p.nbr1[e] * N + p.nbr2[f]] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
+                }
+              }
+            }
+          }
+        }
+        ext[i] = b;
+        ext[j] = a;
+        cur += delta;
+        improved = true;
+      }
+    }
+    if (!improved) break;
+  }
+  for (int64_t i = 0; i < N; ++i) w.best[i] = ext[i] < N ? ext[i] : -1;
+  return objective_perm(p, w.best.data());
+}
+
+template <typename qt>
+void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, int64_t max_iter, double tol,
+                int64_t seed, Work& w, int64_t* out_perm, double* out_f) {
+  const int64_t N = p.N, NN = N * N;
+  if (p.Q == nullptr) {  // linear: the assignment of U is optimal
+    vertex_oracle(p, p.U, w, false, out_perm);
+    *out_f = objective_perm(p, out_perm);
+    return;
+  }
+  if (r == 1) {
+    vertex_oracle(p, p.U, w, false, w.P.data());
+    std::fill(w.X.begin(), w.X.begin() + NN, 0.0);
+    for (int64_t i = 0; i < N; ++i) {
+      if (w.P[i] >= 0) w.X[i * N + w.P[i]] = 1.0;
+    }
+  } else {
+    const double c = r == 0 ? 1.0 / N : 0.5 / N;
+    std::fill(w.X.begin(), w.X.begin() + NN, c);
+    if (r >= 2) {
+      std::vector<int64_t> perm(N);
+      random_start_perm(seed, g, r, N, perm.data());
+      for (int64_t i = 0; i < N; ++i) w.X[i * N + perm[i]] += 0.5;
+    }
+  }
+  if (method == QapMethod::FW) {
+    frank_wolfe(p, w, max_iter, tol);
+  } else {
+    // Starts also differ in the initial temperature (annealing forgets a hot start).
+    graduated_assignment(p, w, max_iter, tol, std::pow(0.5, double(r % 6)));
+  }
+  *out_f = polish(p, w);
+  std::copy(w.best.begin(), w.best.begin() + N, out_perm);
+}
+
+template <typename qt>
+Problem<qt> make_problem(const double* U, const qt* Q, const int64_t* n1, const int64_t* n2, int64_t N, int64_t k,
+                         bool partial, bool with_reverse) {
+  Problem<qt> p;
+  p.N = N;
+  p.k = k;
+  p.Nk = N * k;
+  p.U = U;
+  p.Q = Q;
+  p.nbr1 = n1;
+  p.nbr2 = n2;
+  p.partial = partial;
+  if (with_reverse && Q != nullptr) p.build_reverse();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2,
+                                                 const c10::optional<at::Tensor>& Q,
+                                                 const c10::optional<at::Tensor>& H1,
+                                                 const c10::optional<at::Tensor>& H2, c10::string_view method_name,
+                                                 int64_t max_iter, double tol, int64_t restarts, bool partial,
+                                                 int64_t seed, c10::string_view estimator, double lambda) {
+  TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
+  const QapInputs in =
+      prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator, lambda);
+  const int64_t G = in.G, N = in.N, k = in.k, R = in.R;
+  if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
+  std::vector<int64_t> perms(G * R * N);
+  std::vector<double> fvals(G * R);
+  AT_DISPATCH_FLOATING_TYPES(in.Qt.scalar_type(), "qap_solve_cpu", [&] {
+    const scalar_t* qp = in.has_q ? in.Qt.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, G * R, 1, [&](int64_t t0, int64_t t1) {
+      Work w;
+      w.resize(N, k);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t g = task / R, r = task % R;
+        const Problem<scalar_t> p = make_problem<scalar_t>(
+            in.Ud.data_ptr<double>() + g * N * N, in.has_q ? qp + g * N * k * N * k : nullptr,
+            in.n1.data_ptr<int64_t>() + g * N * k, in.n2.data_ptr<int64_t>() + g * N * k, N, k, partial, true);
+        solve_task(p, g, r, in.method, max_iter, tol, seed, w, perms.data() + task * N, fvals.data() + task);
+      }
+    });
+  });
+  at::Tensor best = at::empty({G, N}, U.options().dtype(at::kLong));
+  at::Tensor obj = at::empty({G}, U.options().dtype(at::kDouble));
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t br = 0;
+    for (int64_t r = 1; r < R; ++r) {
+      if (fvals[g * R + r] > fvals[g * R + br]) br = r;
+    }
+    std::copy(perms.begin() + (g * R + br) * N, perms.begin() + (g * R + br + 1) * N, best.data_ptr<int64_t>() + g * N);
+    obj.data_ptr<double>()[g] = fvals[g * R + br];
+  }
+  return {perm_to_z(best, N, U.scalar_type()), obj.to(U.scalar_type())};
+}
+
+// The batched driver (qap_driver.h) with CPU hooks: what the CUDA kernel runs, testable here.
+std::tuple<at::Tensor, at::Tensor> qap_solve_batched_cpu(
+    const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2, const c10::optional<at::Tensor>& Q,
+    const c10::optional<at::Tensor>& H1, const c10::optional<at::Tensor>& H2, c10::string_view method_name,
+    int64_t max_iter, double tol, int64_t restarts, bool partial, int64_t seed, c10::string_view estimator,
+    double lambda) {
+  TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
+  const QapInputs in =
+      prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator, lambda);
+  const int64_t G = in.G, N = in.N, k = in.k, R = in.R, B = G * R;
+  if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
+  at::Tensor perm, obj;
+  AT_DISPATCH_FLOATING_TYPES(in.Qt.scalar_type(), "qap_solve_batched_cpu", [&] {
+    const scalar_t* qp = in.has_q ? in.Qt.data_ptr<scalar_t>() : nullptr;
+    std::vector<Problem<scalar_t>> probs;
+    for (int64_t g = 0; g < G; ++g) {
+      probs.push_back(make_problem<scalar_t>(in.Ud.data_ptr<double>() + g * N * N,
+                                             in.has_q ? qp + g * N * k * N * k : nullptr,
+                                             in.n1.data_ptr<int64_t>() + g * N * k,
+                                             in.n2.data_ptr<int64_t>() + g * N * k, N, k, partial, true));
+    }
+    QapHooks h;
+    h.grad = [&](const at::Tensor& X) {
+      const at::Tensor Xc = X.contiguous();
+      at::Tensor out = at::empty_like(Xc);
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<double> xg(N * N * std::max<int64_t>(k, 1));
+        for (int64_t b = b0; b < b1; ++b) {
+          grad_q(probs[b / R], Xc.data_ptr<double>() + b * N * N, out.data_ptr<double>() + b * N * N, xg.data());
+        }
+      });
+      return out;
+    };
+    h.lap = [&](const at::Tensor& S, at::Tensor& v, bool warm, bool clamp) {
+      const at::Tensor Sc = S.contiguous();
+      const int64_t Bs = Sc.size(0), n = Sc.size(1);
+      at::Tensor cols = at::empty({Bs, n}, S.options().dtype(at::kLong));
+      at::parallel_for(0, Bs, 1, [&](int64_t b0, int64_t b1) {
+        LapWorkspace ws;
+        for (int64_t b = b0; b < b1; ++b) {
+          ws.resize(n);
+          double* vb = v.data_ptr<double>() + b * n;
+          if (warm) std::copy(vb, vb + n, ws.v.begin());
+          lap_solve(Sc.data_ptr<double>() + b * n * n, n, true, clamp, ws, warm);
+          std::copy(ws.v.begin(), ws.v.end(), vb);
+          std::copy(ws.col4row.begin(), ws.col4row.end(), cols.data_ptr<int64_t>() + b * n);
+        }
+      });
+      return cols;
+    };
+    h.quad_perm = [&](const at::Tensor& pm) {
+      const at::Tensor pc = pm.contiguous();
+      at::Tensor out = at::empty({pc.size(0)}, U.options().dtype(at::kDouble));
+      for (int64_t b = 0; b < pc.size(0); ++b) {
+        out.data_ptr<double>()[b] = quad_perm(probs[b / R], pc.data_ptr<int64_t>() + b * N);
+      }
+      return out;
+    };
+    h.random_perms = [&](int64_t sd) {
+      at::Tensor out = at::empty({B, N}, U.options().dtype(at::kLong));
+      for (int64_t b = 0; b < B; ++b) random_start_perm(sd, b / R, b % R, N, out.data_ptr<int64_t>() + b * N);
+      return out;
+    };
+    h.polish = [&](at::Tensor& pm, const at::Tensor&) {
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        Work w;
+        w.resize(N, k);
+        for (int64_t b = b0; b < b1; ++b) {
+          int64_t* row = pm.data_ptr<int64_t>() + b * N;
+          std::copy(row, row + N, w.best.begin());
+          polish(probs[b / R], w);
+          std::copy(w.best.begin(), w.best.begin() + N, row);
+        }
+      });
+    };
+    std::tie(perm, obj) = qap_solve_driver(in.Ud, R, in.has_q, in.method, max_iter, tol, partial, seed, h);
+  });
+  return {perm_to_z(perm, N, U.scalar_type()), obj.to(U.scalar_type())};
+}
+
+at::Tensor qap_gradient_cpu(const at::Tensor& X, const at::Tensor& nbr1, const at::Tensor& nbr2, const at::Tensor& Q) {
+  TORCH_CHECK(X.device().is_cpu(), "qap_gradient: X must be a CPU tensor for the CPU kernel");
+  check_gradient_args(X, nbr1, nbr2, Q);
+  const int64_t G = X.size(0), N = X.size(-1), k = nbr1.size(2);
+  const int64_t R = X.dim() == 4 ? X.size(1) : 1;
+  at::Tensor out = at::zeros({G * R, N, N}, X.options().dtype(at::kDouble));
+  if (G * R == 0 || N == 0 || k == 0) return out.view(X.sizes()).to(X.scalar_type());
+  const at::Tensor Xd = X.to(at::kDouble).contiguous();
+  const at::Tensor Qt = Q.scalar_type() == at::kDouble ? Q.contiguous() : Q.to(at::kFloat).contiguous();
+  const at::Tensor n1 = nbr1.contiguous(), n2 = nbr2.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(Qt.scalar_type(), "qap_gradient_cpu", [&] {
+    at::parallel_for(0, G * R, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<double> xg(N * N * k);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t g = task / R;
+        const Problem<scalar_t> p = make_problem<scalar_t>(
+            nullptr, Qt.data_ptr<scalar_t>() + g * N * k * N * k, n1.data_ptr<int64_t>() + g * N * k,
+            n2.data_ptr<int64_t>() + g * N * k, N, k, false, false);
+        grad_q(p, Xd.data_ptr<double>() + task * N * N, out.data_ptr<double>() + task * N * N, xg.data());
+      }
+    });
+  });
+  return out.view(X.sizes()).to(X.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(exgramed, CPU, m) {
+  m.impl("qap_solve", &qap_solve_cpu);
+  m.impl("qap_gradient", &qap_gradient_cpu);
+  m.impl("qap_solve_batched", &qap_solve_batched_cpu);
+}
+
+}  // namespace exgramed

@@ -1,0 +1,416 @@
+"""``align``: the differentiable multi-graph alignment loss, and the ``MultiGraphAlignment`` module.
+
+The op is a composite of the other exgramed ops (``knn_graph``, ``graph_conv``, ``qap_solve``)
+and plain torch ops, registered as ``CompositeImplicitAutograd``: autograd flows through
+``graph_conv``'s and ``qap_solve``'s registered formulas (the latter is the IMLE / blackbox
+estimator of ``estimators.py``), and ``torch.compile`` traces straight through it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .estimators import check_estimator
+
+MODES = ("barycenter", "pairwise")
+SOLVERS = ("fw", "sinkhorn")
+
+# The official ExGra-Med code where it differs from the paper's wording, and its noise.
+OFFICIAL = dict(
+    metric="l2",  # L2 kNN
+    copy_structure=True,  # graph 2 of each problem gets graph 1's edges
+    reverse=True,  # PyG GraphConv on knn_graph edges aggregates over in-neighbours
+    partial=True,  # LPMP solves partial matchings
+    shared_noise=True,  # one unary Gumbel sample per step, shared by every problem
+    noise_scale=0.05,
+    lambda_=80.0,
+    estimator="blackbox",  # BB-GM's GraphMatchingModule
+    dropout=0.1,
+)
+
+# Chosen by the learning experiment (benchmarks/results/align.md): scale 0.05 stalls, 0.5 learns.
+DEFAULTS = dict(
+    metric="cosine",
+    copy_structure=False,
+    reverse=False,
+    partial=False,
+    shared_noise=False,
+    noise_scale=0.5,
+    lambda_=80.0,
+    estimator="imle",
+    dropout=0.0,
+)
+
+
+def problem_graphs(K: int, mode: str) -> tuple[list[int], list[int]]:
+    """``(src, dst)``: problem p matches graph ``src[p]`` (graph 1) to graph ``dst[p]`` (graph 2).
+
+    ``barycenter`` (graphs 0..K-1 the modalities, K the barycenter): k -> K for each k, then K -> k.
+    ``pairwise``: every pair k < l as k -> l, then the same pairs as l -> k.
+    """
+    if mode == "barycenter":
+        return list(range(K)) + [K] * K, [K] * K + list(range(K))
+    if mode == "pairwise":
+        pairs = [(a, b) for a in range(K) for b in range(a + 1, K)]
+        return [a for a, _ in pairs] + [b for _, b in pairs], [b for _, b in pairs] + [a for a, _ in pairs]
+    raise RuntimeError(f"align: mode must be 'barycenter' or 'pairwise', got '{mode}'")
+
+
+def _is_concrete(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not torch.compiler.is_compiling() and not is_fake(t) and t.device.type != "meta"
+
+
+def _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
+                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode):
+    if x.dim() != 3:
+        raise RuntimeError(f"align: x must have shape [K, B, d] (3 dims), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"align: x must be a floating-point tensor, got {x.dtype}")
+    K, N, d = x.shape
+    if K < 2:
+        raise RuntimeError(f"align: x must hold at least 2 modalities (K >= 2), got K = {K}")
+    if not 1 <= k < N:
+        raise RuntimeError(f"align: k must satisfy 1 <= k < B (B = {N}), got k = {k}")
+    if mode not in MODES:
+        raise RuntimeError(f"align: mode must be 'barycenter' or 'pairwise', got '{mode}'")
+    if solver not in SOLVERS:
+        raise RuntimeError(f"align: solver must be 'fw' or 'sinkhorn', got '{solver}'")
+    check_estimator(estimator, lambda_, "align")
+    if not (noise_scale >= 0 and math.isfinite(noise_scale)):
+        raise RuntimeError(f"align: noise_scale must be a finite number >= 0, got {noise_scale}")
+    h = w_root1.shape[-1] if w_root1.dim() == 2 else -1
+    for name, w, shape in (("w_root1", w_root1, (d, h)), ("w_rel1", w_rel1, (d, h)),
+                           ("w_root2", w_root2, (h, h)), ("w_rel2", w_rel2, (h, h))):
+        if tuple(w.shape) != shape:
+            raise RuntimeError(f"align: {name} must have shape {list(shape)} ([d, h] then [h, h]), got {tuple(w.shape)}")
+    for name, b in (("bias1", bias1), ("bias2", bias2)):
+        if b is not None and tuple(b.shape) != (h,):
+            raise RuntimeError(f"align: {name} must have shape [{h}], got {tuple(b.shape)}")
+    for name, t in (("w_root1", w_root1), ("w_rel1", w_rel1), ("w_root2", w_root2), ("w_rel2", w_rel2),
+                    ("bias1", bias1), ("bias2", bias2), ("unary_noise", unary_noise),
+                    ("quadratic_noise", quadratic_noise), ("dropout_mask", dropout_mask)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"align: {name} must be on x's device {x.device}, got {t.device}")
+        if t is not None and not t.dtype.is_floating_point:
+            raise RuntimeError(f"align: {name} must be a floating-point tensor, got {t.dtype}")
+    P = len(problem_graphs(K, mode)[0])
+    G = K + 1 if mode == "barycenter" else K
+    S = None
+    for name, t, n in (("unary_noise", unary_noise, N), ("quadratic_noise", quadratic_noise, N * k)):
+        if t is None:
+            continue
+        if t.dim() != 4 or t.shape[1] not in (1, P) or tuple(t.shape[2:]) != (n, n):
+            raise RuntimeError(
+                f"align: {name} must have shape [S, P, {n}, {n}] or [S, 1, {n}, {n}] (P = {P} problems), "
+                f"got {tuple(t.shape)}")
+        if S is not None and t.shape[0] != S:
+            raise RuntimeError("align: unary_noise and quadratic_noise must have the same number of samples S")
+        S = t.shape[0]
+        if S < 1:
+            raise RuntimeError(f"align: {name} must hold at least one sample (S >= 1)")
+    if dropout_mask is not None and tuple(dropout_mask.shape) != (2, G, N, h):
+        raise RuntimeError(f"align: dropout_mask must have shape [2, {G}, {N}, {h}], got {tuple(dropout_mask.shape)}")
+    if _is_concrete(x):
+        for name, t in (("x", x), ("unary_noise", unary_noise), ("quadratic_noise", quadratic_noise)):
+            if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+                raise RuntimeError(f"align: {name} contains NaN or Inf")
+
+
+def _edge_features(h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """``normalize(h_i - h_j)`` for edge ``(i, nbr[i, s])``, row ``i * k + s``: [P, N, h] -> [P, N k, h]."""
+    P, N, k = nbr.shape
+    tails = torch.gather(h, 1, nbr.reshape(P, N * k, 1).expand(P, N * k, h.shape[-1]))
+    heads = h.repeat_interleave(k, dim=1)
+    return F.normalize(heads - tails, dim=-1)
+
+
+def _edge_cosines(h1: torch.Tensor, h2: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor) -> torch.Tensor:
+    """``<normalize(h1_i - h1_j), normalize(h2_a - h2_b)>`` for every edge pair: ``[P, N k, N k]``.
+
+    Through the cross Gram ``C = h1 h2^T`` (one ``N x N x h`` GEMM per problem instead of the
+    ``Nk x Nk x h`` one of the edge features): ``<h1_i - h1_j, h2_a - h2_b> = C_ia - C_ib - C_ja + C_jb``,
+    times the inverse edge lengths. The four-term sum cancels where edges are short next to |h|:
+    the absolute error is about ``4 eps |h|^2 / (|h1_i - h1_j| |h2_a - h2_b|)`` (fp32: ~1e-5 for edges
+    a tenth of |h| long), far below the noise the scores carry.
+    """
+    return _edge_cosines_scaled(h1, h2, nbr1, nbr2, 1.0)
+
+
+def _signed_incidence(nbr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``M[p, e, :]`` = +1 at the head i and -1 at the tail j of edge ``e = (i, nbr[p, i, s])``: ``[P, N k, N]``."""
+    P, N, k = nbr.shape
+    heads = torch.arange(N, device=nbr.device).repeat_interleave(k).view(1, N * k, 1).expand(P, N * k, 1)
+    M = torch.zeros(P, N * k, N, dtype=dtype, device=nbr.device).scatter_(2, heads, 1.0)
+    return M.scatter_add_(2, nbr.reshape(P, N * k, 1), torch.full((P, N * k, 1), -1.0, dtype=dtype, device=nbr.device))
+
+
+def _edge_cosines_scaled(h1, h2, nbr1, nbr2, scale: float) -> torch.Tensor:
+    """``scale *`` :func:`_edge_cosines`, with the scale folded into the edge lengths.
+
+    ``<h1_i - h1_j, h2_a - h2_b> = (M1 C M2^T)[e, f]`` with the signed incidence matrices M of the
+    edges: two small GEMMs (``Nk x N x N`` and ``Nk x N x Nk``) instead of gathers.
+    """
+    P, N, k = nbr1.shape
+    Nk = N * k
+    C = torch.bmm(h1, h2.transpose(1, 2))  # [P, N, N]
+    M1 = _signed_incidence(nbr1, C.dtype)
+    M2 = _signed_incidence(nbr2, C.dtype)
+    inner = torch.bmm(torch.bmm(M1, C), M2.transpose(1, 2))  # [P, Nk, Nk]
+    # 1 / max(|h_i - h_j|, 1e-12) (F.normalize's convention), the differences again as a GEMM.
+    w1 = torch.bmm(M1, h1).norm(dim=-1).clamp_min(1e-12).reciprocal() * scale
+    w2 = torch.bmm(M2, h2).norm(dim=-1).clamp_min(1e-12).reciprocal()
+    return inner * w1.unsqueeze(2) * w2.unsqueeze(1)
+
+
+def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
+                dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.5, solver="fw", estimator="imle",
+                mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
+                partial=False, max_iter=30, tol=1e-6, restarts=-1, seed=0):
+    _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
+                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode)
+    # Scores and the solver in fp32 (fp64 stays fp64), whatever autocast would pick.
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(dtype)
+        K, N, _ = x.shape
+        graphs = torch.cat([x, x.mean(0, keepdim=True)]) if mode == "barycenter" else x
+        nbr = torch.ops.exgramed.knn_graph(graphs.detach(), k, metric)
+        h = torch.ops.exgramed.graph_conv(graphs, nbr, w_root1.to(dtype), w_rel1.to(dtype),
+                                          None if bias1 is None else bias1.to(dtype), aggr, reverse, True)
+        if dropout_mask is not None:
+            h = h * dropout_mask[0].to(dtype)
+        h = torch.ops.exgramed.graph_conv(h, nbr, w_root2.to(dtype), w_rel2.to(dtype),
+                                          None if bias2 is None else bias2.to(dtype), aggr, reverse, True)
+        if dropout_mask is not None:
+            h = h * dropout_mask[1].to(dtype)
+        src, dst = problem_graphs(K, mode)
+        P = len(src)
+        hn = F.normalize(h, dim=-1)
+        nbr1 = nbr[src]
+        nbr2 = nbr1 if copy_structure else nbr[dst]
+        # Unary cos(h1_i, h2_a) - 0.5 and quadratic 0.5 (<e1, e2> - 0.5), noise added below.
+        U = torch.bmm(hn[src], hn[dst].transpose(1, 2)) - 0.5
+        Q = _edge_cosines_scaled(h[src], h[dst], nbr1, nbr2, 0.5) - 0.25
+        S = 1
+        for noise in (unary_noise, quadratic_noise):
+            if noise is not None:
+                S = noise.shape[0]
+        Nk = N * k
+        if unary_noise is not None:
+            U = torch.add(U.unsqueeze(0), unary_noise.to(dtype), alpha=noise_scale)
+        if quadratic_noise is not None:
+            Q = torch.add(Q.unsqueeze(0), quadratic_noise.to(dtype), alpha=0.5 * noise_scale)
+        U = U.expand(S, P, N, N).reshape(S * P, N, N)
+        Q = Q.expand(S, P, Nk, Nk).reshape(S * P, Nk, Nk)
+        if S > 1:
+            nbr1, nbr2 = nbr1.repeat(S, 1, 1), nbr2.repeat(S, 1, 1)
+        Z, _ = torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, solver, max_iter, tol, restarts,
+                                            partial, seed, estimator, lambda_)
+        # Hamming loss against the identity T: sum(Z (1 - T) + (1 - Z) T) / N = (sum Z - 2 tr Z + N) / N.
+        Zf = Z.to(dtype)
+        loss = ((Zf.sum((1, 2)) - 2 * Zf.diagonal(dim1=1, dim2=2).sum(1) + N) / N).mean()
+    return loss, Z
+
+
+torch.library.impl("exgramed::align", "CompositeImplicitAutograd")(_align_impl)
+
+
+def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: torch.Tensor | None,
+          w_root2: torch.Tensor, w_rel2: torch.Tensor, bias2: torch.Tensor | None,
+          unary_noise: torch.Tensor | None = None, quadratic_noise: torch.Tensor | None = None,
+          dropout_mask: torch.Tensor | None = None, k: int = 5, lambda_: float = 80.0,
+          noise_scale: float = 0.5, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
+          metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
+          partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = -1,
+          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Multi-graph alignment loss of K modality embeddings of the same B samples (ExGra-Med).
+
+    Computation (``torch.ops.exgramed.align``; deterministic given its inputs and noise tensors):
+
+    1. graphs: the K modalities ``x[k]`` plus, in ``mode="barycenter"``, the barycenter
+       ``mean_k x[k]`` (G = K + 1 graphs; G = K in ``mode="pairwise"``);
+    2. ``nbr = knn_graph(graphs, k, metric)`` (no gradient through the graph structure);
+    3. two GraphConv layers with ReLU on all G graphs in one batched call each,
+       ``h' = relu(h W_root + AGG_{j in nbr(i)} h_j W_rel + b)`` (``reverse=True``: over in-neighbours),
+       each followed by ``* dropout_mask[layer]`` when given;
+    4. problems ``src[p] -> dst[p]`` (:func:`problem_graphs`): all k -> barycenter and barycenter -> k
+       (P = 2K), or all pairs in both directions (P = K(K-1));
+       unary ``U_ia = cos(h1_i, h2_a) + s g_ia - 0.5``,
+       quadratic ``Q_ef = 0.5 (<e1_e, e2_f> + s g'_ef - 0.5)`` with ``e_ij = normalize(h_i - h_j)``
+       on the kNN edges of each graph (``copy_structure=True``: graph 2 uses graph 1's edge list),
+       ``s = noise_scale``, ``g, g'`` the given standard Gumbel samples;
+    5. ``Z = qap_solve(U, nbr1, nbr2, Q, ...)`` for the ``S * P`` problems in one batched call
+       (maximisation; ``partial=True`` allows unmatched nodes); its backward is the estimator
+       (``imle``, ``blackbox``, ``imle_symmetric``, step ``lambda_``; see ``estimators.py``);
+    6. ``loss`` = mean over problems of the Hamming loss ``sum(Z (1 - I) + (1 - Z) I) / B``.
+
+    Args:
+        x: ``[K, B, d]`` float (K >= 2; bf16/fp16 are computed in fp32); may require grad.
+        w_root1, w_rel1: ``[d, h]``; w_root2, w_rel2: ``[h, h]``; bias1, bias2: ``[h]`` or None.
+        unary_noise: ``[S, P, B, B]`` or ``[S, 1, B, B]`` (shared by the problems) standard Gumbel,
+            or None (no unary noise). S samples are solved as S perturbed copies of each problem.
+        quadratic_noise: ``[S, P, Bk, Bk]`` or ``[S, 1, Bk, Bk]``, or None.
+        dropout_mask: ``[2, G, B, h]`` multipliers after each layer (already scaled by 1/(1-p)), or None.
+        k, metric: kNN degree and metric ("l2" or "cosine"). aggr: "max", "mean" or "sum".
+        solver, max_iter, tol, restarts, seed: passed to ``qap_solve`` (method = solver).
+
+    Returns:
+        ``(loss, Z)``: scalar loss (fp32, fp64 for fp64 x) and the matchings ``[S * P, B, B]``
+        (problem ``p`` of sample ``s`` at row ``s * P + p``).
+    """
+    return torch.ops.exgramed.align(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise,
+                                    quadratic_noise, dropout_mask, k, lambda_, noise_scale, solver, estimator,
+                                    mode, metric, aggr, reverse, copy_structure, partial, max_iter, tol,
+                                    restarts, seed)
+
+
+def sample_gumbel(shape, device=None, dtype=torch.float32, generator=None) -> torch.Tensor:
+    """Standard Gumbel(0, 1) samples from torch's generator: ``-log(-log(u))``, ``u ~ U(0, 1)``.
+
+    u is clamped to ``[tiny, 1)`` so a drawn 0 gives a finite sample (fp32: the range is about
+    [-4.5, 16.6]). Uniform draws are several times cheaper than ``exponential_`` on the CPU.
+    """
+    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+    return -torch.log(-torch.log(u.clamp_min_(torch.finfo(dtype).tiny)))
+
+
+@dataclass
+class AlignmentOutput:
+    """What :class:`MultiGraphAlignment` returns.
+
+    loss: scalar, differentiable w.r.t. x and the module's parameters.
+    accuracy: ``[K]`` (no grad) per modality, the fraction of nodes matched to themselves,
+        averaged over the problems that involve the modality (and the S samples).
+    Z: ``[S * P, B, B]`` the matchings (see :func:`align`).
+    noise_scale: the Gumbel scale used for this step.
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    Z: torch.Tensor
+    noise_scale: float
+
+
+class MultiGraphAlignment(nn.Module):
+    r"""ExGra-Med's multi-graph alignment loss as a module: owns the two GraphConv layers, samples
+    the noise, calls ``torch.ops.exgramed.align``.
+
+    ``out = MultiGraphAlignment(dim)(x)`` with ``x: [K, B, d]``; ``out.loss`` is the alignment loss
+    (add it to the task loss, ExGra-Med uses weight 1.0), ``out.accuracy`` per-modality matching
+    accuracy, ``out.Z`` the matchings.
+
+    Args:
+        dim: d, the embedding size. hidden: GraphConv width h (default d, as the official code).
+        k: kNN degree (5).
+        official: start from the official code's settings (:data:`OFFICIAL`: L2 kNN, graph 2 gets
+            graph 1's edges, reverse-kNN aggregation, partial matchings, one unary noise sample
+            shared by all problems of a step, Gumbel scale 0.05, blackbox lambda 80, dropout 0.1)
+            instead of :data:`DEFAULTS` (cosine kNN, own edges, permutations, independent noise,
+            scale 0.5, IMLE lambda 80, no dropout). Any option below overrides either.
+        noise_scale: Gumbel scale s of the perturbations (the margin the matching must beat;
+            see ``docs/align.md``: 0.05 stalls learning, 0.5 learns).
+        noise_schedule: optional ``step -> scale`` callable (``step``: training-mode calls so far,
+            a Python int, settable); overrides ``noise_scale``. Under ``torch.compile`` each new
+            scale value is a recompile: prefer schedules that change the scale rarely.
+        lambda_, estimator ("imle", "blackbox", "imle_symmetric"), samples (S noise samples
+            averaged), mode ("barycenter" or "pairwise"), solver ("fw", "sinkhorn"), max_iter,
+            tol, restarts, metric, aggr, reverse, copy_structure, partial, shared_noise,
+            quadratic_noise (perturb Q as well; default True), dropout, bias.
+
+    In eval mode there is no dropout; the noise is still sampled (the loss is defined with it)
+    unless ``noise_scale`` is 0. Randomness comes from torch's generator, so ``torch.manual_seed``
+    reproduces a step (under ``torch.compile`` with inductor, whose RNG differs from eager's, set
+    ``torch._inductor.config.fallback_random = True`` to draw exactly eager's noise).
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None, k: int = 5, *, official: bool = False,
+                 noise_schedule: Callable[[int], float] | None = None, samples: int = 1,
+                 mode: str = "barycenter", solver: str = "fw", max_iter: int = 30, tol: float = 1e-6,
+                 restarts: int = -1, aggr: str = "max", quadratic_noise: bool = True, bias: bool = True,
+                 **options):
+        super().__init__()
+        opts = dict(OFFICIAL if official else DEFAULTS)
+        unknown = set(options) - set(opts)
+        if unknown:
+            raise TypeError(f"MultiGraphAlignment: unknown options {sorted(unknown)}")
+        opts.update(options)
+        if samples < 1:
+            raise ValueError(f"MultiGraphAlignment: samples must be >= 1, got {samples}")
+        if not 0 <= opts["dropout"] < 1:
+            raise ValueError(f"MultiGraphAlignment: dropout must lie in [0, 1), got {opts['dropout']}")
+        check_estimator(opts["estimator"], opts["lambda_"], "MultiGraphAlignment")
+        if mode not in MODES:
+            raise ValueError(f"MultiGraphAlignment: mode must be 'barycenter' or 'pairwise', got {mode!r}")
+        hidden = dim if hidden is None else hidden
+        self.dim, self.hidden, self.k = dim, hidden, k
+        self.official, self.opts = official, opts
+        self.noise_schedule, self.samples, self.mode = noise_schedule, samples, mode
+        self.solver, self.max_iter, self.tol, self.restarts, self.aggr = solver, max_iter, tol, restarts, aggr
+        self.quadratic_noise = quadratic_noise
+        self.w_root1 = nn.Parameter(torch.empty(dim, hidden))
+        self.w_rel1 = nn.Parameter(torch.empty(dim, hidden))
+        self.w_root2 = nn.Parameter(torch.empty(hidden, hidden))
+        self.w_rel2 = nn.Parameter(torch.empty(hidden, hidden))
+        self.bias1 = nn.Parameter(torch.empty(hidden)) if bias else None
+        self.bias2 = nn.Parameter(torch.empty(hidden)) if bias else None
+        self.step = 0  # training-mode calls so far; advanced only when a noise schedule is set
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn.Linear's initialisation (as PyG GraphConv's two Linear layers): U(-1/sqrt(in), 1/sqrt(in))."""
+        for w in (self.w_root1, self.w_rel1, self.w_root2, self.w_rel2):
+            bound = 1.0 / math.sqrt(w.shape[0])
+            nn.init.uniform_(w, -bound, bound)
+        for b, fan_in in ((self.bias1, self.dim), (self.bias2, self.hidden)):
+            if b is not None:
+                nn.init.uniform_(b, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+    def current_noise_scale(self) -> float:
+        """The Gumbel scale of the next step (the schedule at the current step, else ``noise_scale``)."""
+        if self.noise_schedule is not None:
+            return float(self.noise_schedule(self.step))
+        return float(self.opts["noise_scale"])
+
+    def forward(self, x: torch.Tensor) -> AlignmentOutput:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise RuntimeError(f"MultiGraphAlignment: x must have shape [K, B, {self.dim}], got {tuple(x.shape)}")
+        K, N, _ = x.shape
+        o = self.opts
+        scale = self.current_noise_scale()
+        src, dst = problem_graphs(K, self.mode)
+        P, G, S = len(src), (K + 1 if self.mode == "barycenter" else K), self.samples
+        dev = x.device
+        un = qn = dm = None
+        if scale > 0:
+            un = sample_gumbel((S, 1 if o["shared_noise"] else P, N, N), dev)
+            if self.quadratic_noise:
+                qn = sample_gumbel((S, P, N * self.k, N * self.k), dev)
+        if self.training and o["dropout"] > 0:
+            keep = 1.0 - o["dropout"]
+            dm = torch.empty(2, G, N, self.hidden, device=dev).bernoulli_(keep) / keep
+        if self.training and self.noise_schedule is not None:
+            self.step += 1
+        loss, Z = torch.ops.exgramed.align(
+            x, self.w_root1, self.w_rel1, self.bias1, self.w_root2, self.w_rel2, self.bias2, un, qn, dm,
+            self.k, o["lambda_"], scale, self.solver, o["estimator"], self.mode, o["metric"], self.aggr,
+            o["reverse"], o["copy_structure"], o["partial"], self.max_iter, self.tol, self.restarts, 0)
+        with torch.no_grad():
+            diag = Z.diagonal(dim1=1, dim2=2).to(torch.float32).mean(-1).reshape(S, P).mean(0)  # [P]
+            member = torch.zeros(P, K, device=dev)
+            for p in range(P):
+                for g in (src[p], dst[p]):
+                    if g < K:
+                        member[p, g] = 1.0
+            accuracy = (diag[:, None] * member).sum(0) / member.sum(0)
+        return AlignmentOutput(loss=loss, accuracy=accuracy, Z=Z, noise_scale=scale)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden={self.hidden}, k={self.k}, official={self.official}, mode={self.mode}, "
+                f"solver={self.solver}, samples={self.samples}, {self.opts}")

@@ -1,0 +1,156 @@
+"""Gradients through the QAP solver: the autograd formula of ``exgramed::qap_solve``.
+
+The solver returns a hard 0/1 matching ``Z = argmax_X f(X)`` with
+
+    f(X) = <U, X> + sum_{e=(i,j) in E1, f=(a,b) in E2} Q[e, f] X_ia X_jb,
+
+a piecewise-constant function of the scores ``theta = (U, Q)``. Its gradient is replaced by a
+finite-difference estimate that needs one (or two) more batched solves:
+
+``imle`` (Niepert et al. 2021, perturb-and-MAP; the paper) and ``blackbox`` (Vlastelica et al.
+2020, what the official code runs through BB-GM): the caller adds its noise to the scores before
+the forward solve, so ``U`` already holds ``theta + eps``. The backward solves again at the
+target ``theta + eps - lambda * dL/dZ`` (same noise, same solver seed) for ``Z'`` and returns
+
+    dL/dU[i, a] = (Z_ia - Z'_ia) / lambda
+    dL/dQ[e, f] = (Z_ia Z_jb - Z'_ia Z'_jb) / lambda         for e = (i, j), f = (a, b).
+
+For one sample with the noise folded into the scores the two estimators are the same formula
+(BB-GM's ``-(y(w) - y(w + lambda dL/dy)) / lambda`` on costs ``w = -theta``); they are kept
+as two names because they are two documented methods with their own defaults elsewhere.
+
+``imle_symmetric``: the central difference ``(Z(theta + lambda g) - Z(theta - lambda g)) / (2 lambda)``
+with ``g = dL/dZ``, two solves per backward.
+
+Averaging over S noise samples is done by the caller (``align``'s ``samples``): S perturbed
+copies of each problem are solved in one batch and each gets its own estimate.
+
+The objective output ``obj = f(Z)`` gets its exact gradient at the returned Z (Danskin):
+``d obj / dU = Z`` and ``d obj / dQ[e, f] = Z_ia Z_jb``.
+
+Edge numbering (the ``qap_solve`` contract): edge ``e = i * k + s`` of graph 1 is
+``(i, nbr1[i, s])``, edge ``f = a * k + t`` of graph 2 is ``(a, nbr2[a, t])``.
+"""
+from __future__ import annotations
+
+import torch
+
+ESTIMATORS = ("imle", "blackbox", "imle_symmetric")
+
+
+def check_estimator(estimator: str, lambda_: float, op: str = "qap_solve") -> None:
+    """The estimator arguments shared by ``qap_solve`` and ``align``."""
+    if estimator not in ESTIMATORS:
+        raise RuntimeError(f"{op}: estimator must be one of {ESTIMATORS}, got '{estimator}'")
+    if not (lambda_ > 0 and lambda_ < float("inf")):
+        raise RuntimeError(f"{op}: lambda_ must be a positive finite number, got {lambda_}")
+
+
+def edge_pair_indicator(Z: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor) -> torch.Tensor:
+    """``P[g, e, f] = Z[g, i, a] * Z[g, j, b]`` for edge ``e = (i, j)`` of graph 1 and ``f = (a, b)`` of graph 2.
+
+    Args:
+        Z: ``[G, N, N]`` float (0/1 matchings, or any real matrix).
+        nbr1, nbr2: int64 ``[G, N, k]`` neighbour tables of the two graphs.
+
+    Returns:
+        ``[G, N*k, N*k]`` in Z's dtype: the quadratic "matching" of BB-GM, the derivative of
+        ``sum_{e, f} Q[e, f] X_ia X_jb`` with respect to ``Q`` at ``X = Z``.
+    """
+    G, N, k = nbr1.shape
+    Nk = N * k
+    # Z[i, a] for every (e, f): rows repeated by the head of e, columns by the head of f.
+    za = Z[:, :, None, :, None].expand(G, N, k, N, k).reshape(G, Nk, Nk)
+    # Z[j, b]: rows by the tail of e (nbr1), columns by the tail of f (nbr2).
+    zj = torch.gather(Z, 1, nbr1.reshape(G, Nk, 1).expand(G, Nk, N))
+    zb = torch.gather(zj, 2, nbr2.reshape(G, 1, Nk).expand(G, Nk, Nk))
+    return za * zb
+
+
+def _resolve(U, nbr1, nbr2, Q, H1, H2, ctx):
+    # The forward ignores the estimator; "imle" is the value every solver build accepts.
+    return torch.ops.exgramed.qap_solve(
+        U, nbr1, nbr2, Q, H1, H2, ctx.method, ctx.max_iter, ctx.tol, ctx.restarts, ctx.partial,
+        ctx.seed, "imle", ctx.lambda_,
+    )[0]
+
+
+def _setup_context(ctx, inputs, output):
+    (U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator, lambda_) = inputs
+    check_estimator(estimator, lambda_)
+    ctx.method, ctx.max_iter, ctx.tol, ctx.restarts = method, max_iter, tol, restarts
+    ctx.partial, ctx.seed, ctx.estimator, ctx.lambda_ = partial, seed, estimator, lambda_
+    ctx.has_Q, ctx.has_H = Q is not None, H1 is not None
+    Z, _ = output
+    ctx.save_for_backward(U, nbr1, nbr2, Q, H1, H2, Z)
+
+
+def _backward(ctx, grad_Z, grad_obj):
+    U, nbr1, nbr2, Q, H1, H2, Z = ctx.saved_tensors
+    # needs_input_grad covers the arguments the caller passed (trailing defaults may be absent).
+    n = ctx.needs_input_grad
+    need_U, need_Q = n[0], len(n) > 3 and n[3]
+    need_H = (len(n) > 4 and n[4]) or (len(n) > 5 and n[5])
+    lam = ctx.lambda_
+    Z = Z.to(U.dtype)
+    # Unary-score gradient D and the two matchings whose edge-pair indicators give the quadratic one.
+    plus = minus = None
+    if grad_Z is not None:
+        g = grad_Z.to(U.dtype)
+        if ctx.estimator == "imle_symmetric":
+            plus = _resolve(U + lam * g, nbr1, nbr2, Q, H1, H2, ctx).to(U.dtype)
+            minus = _resolve(U - lam * g, nbr1, nbr2, Q, H1, H2, ctx).to(U.dtype)
+            scale = 1.0 / (2.0 * lam)
+        else:  # imle, blackbox: forward matching vs the matching at the target scores
+            plus = Z
+            minus = _resolve(U - lam * g, nbr1, nbr2, Q, H1, H2, ctx).to(U.dtype)
+            scale = 1.0 / lam
+    w_obj = None if grad_obj is None else grad_obj.to(U.dtype).reshape(-1, 1, 1)
+
+    def combine(f):  # scale (f(plus) - f(minus)) + w_obj f(Z), the terms that are present
+        out = None
+        if plus is not None:
+            out = (f(plus) - f(minus)) * scale
+        if w_obj is not None:
+            out = w_obj * f(Z) if out is None else out + w_obj * f(Z)
+        return out
+
+    grad_U = None
+    if need_U:
+        grad_U = combine(lambda z: z)
+        grad_U = torch.zeros_like(U) if grad_U is None else grad_U
+
+    grad_Q = grad_H1 = grad_H2 = None
+    if (need_Q and ctx.has_Q) or (need_H and ctx.has_H):
+        dP = combine(lambda z: edge_pair_indicator(z, nbr1, nbr2))
+        if dP is None:
+            dP = U.new_zeros(Z.shape[0], nbr1.shape[1] * nbr1.shape[2], nbr2.shape[1] * nbr2.shape[2])
+        if need_Q and ctx.has_Q:
+            grad_Q = dP.to(Q.dtype)
+        if need_H and ctx.has_H:
+            grad_H1, grad_H2 = _implicit_q_backward(dP, H1, H2, nbr1, nbr2)
+    return grad_U, None, None, grad_Q, grad_H1, grad_H2, None, None, None, None, None, None, None, None
+
+
+def _implicit_q_backward(dP, H1, H2, nbr1, nbr2):
+    """Push dL/dQ through the implicit scores ``Q[e, f] = <normalize(H1_i - H1_j), normalize(H2_a - H2_b)>``.
+
+    Autograd of the dense reference construction: O(G (Nk)^2 D); ``align`` passes a dense Q instead.
+    """
+    with torch.enable_grad():
+        h1 = H1.detach().requires_grad_(H1.requires_grad)
+        h2 = H2.detach().requires_grad_(H2.requires_grad)
+        Q = _implicit_q(h1, h2, nbr1, nbr2)
+        inputs = [t for t in (h1, h2) if t.requires_grad]
+        grads = torch.autograd.grad(Q, inputs, dP.to(Q.dtype), allow_unused=True)
+    it = iter(grads)
+    return (next(it) if h1.requires_grad else None), (next(it) if h2.requires_grad else None)
+
+
+def _implicit_q(H1, H2, nbr1, nbr2):
+    from .reference.qap import implicit_q  # the definition of the implicit Q lives with the solver
+
+    return implicit_q(H1, H2, nbr1, nbr2)
+
+
+torch.library.register_autograd("exgramed::qap_solve", _backward, setup_context=_setup_context)

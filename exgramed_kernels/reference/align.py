@@ -1,0 +1,123 @@
+"""Reference multi-graph alignment: the pure-PyTorch oracle of ``torch.ops.exgramed.align``.
+
+Same computation as the op (see ``exgramed_kernels.align``), written plainly: reference kNN,
+reference GraphConv, reference QAP solver, and an ``autograd.Function`` for the IMLE/blackbox
+estimator whose edge-pair indicators are built from one-hot incidence matrices (a different
+route from the op's gathers).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .graph_conv import graph_conv as _graph_conv
+from .knn import knn_graph as _knn_graph
+from .qap import qap_solve as _qap_solve
+
+
+def problem_graphs(K: int, mode: str) -> tuple[list[int], list[int]]:
+    """Graph indices ``(src, dst)`` of the matching problems, graph ``src[p]`` matched to ``dst[p]``.
+
+    ``barycenter``: graphs 0..K-1 are the modalities, graph K the barycenter; problems k -> K for
+    every k, then K -> k (both directions, as the official code). ``pairwise``: every pair k < l,
+    k -> l then, in the same order, l -> k. Both give ``P = 2K`` resp. ``K (K - 1)`` problems.
+    """
+    if mode == "barycenter":
+        return list(range(K)) + [K] * K, [K] * K + list(range(K))
+    if mode == "pairwise":
+        pairs = [(a, b) for a in range(K) for b in range(a + 1, K)]
+        return [a for a, _ in pairs] + [b for _, b in pairs], [b for _, b in pairs] + [a for a, _ in pairs]
+    raise ValueError(f"align: mode must be 'barycenter' or 'pairwise', got {mode!r}")
+
+
+def hamming_loss(Z: torch.Tensor) -> torch.Tensor:
+    """``sum(Z (1 - T) + (1 - Z) T) / N`` per problem against the identity T. Z: [P, N, N] -> [P]."""
+    N = Z.shape[-1]
+    T = torch.eye(N, dtype=Z.dtype, device=Z.device)
+    return (Z * (1 - T) + (1 - Z) * T).sum((-2, -1)) / N
+
+
+def edge_pair_indicator(Z: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor) -> torch.Tensor:
+    """``P[e, f] = Z[i, a] Z[j, b]`` via incidence matrices: heads ``S`` and tails ``T`` of the edges."""
+    G, N, k = nbr1.shape
+    eye = torch.eye(N, dtype=Z.dtype, device=Z.device)
+    S = eye.repeat_interleave(k, dim=0).expand(G, N * k, N)  # S[e, i] = 1 iff e leaves i
+    T1 = F.one_hot(nbr1.reshape(G, N * k), N).to(Z.dtype)  # T1[e, j] = 1 iff e enters j
+    T2 = F.one_hot(nbr2.reshape(G, N * k), N).to(Z.dtype)
+    return (S @ Z @ S.transpose(1, 2)) * (T1 @ Z @ T2.transpose(1, 2))
+
+
+class _QAPEstimator(torch.autograd.Function):
+    """Z = qap_solve(U, Q); backward: the IMLE / blackbox / symmetric-IMLE estimates."""
+
+    @staticmethod
+    def forward(ctx, U, Q, nbr1, nbr2, opts):
+        Z = _qap_solve(U.detach(), nbr1, nbr2, Q.detach(), **opts["solver"])[0].to(U.dtype)
+        ctx.save_for_backward(U, Q, nbr1, nbr2, Z)
+        ctx.opts = opts
+        return Z
+
+    @staticmethod
+    def backward(ctx, gZ):
+        U, Q, nbr1, nbr2, Z = ctx.saved_tensors
+        lam, est = ctx.opts["lambda_"], ctx.opts["estimator"]
+
+        def solve(u):
+            return _qap_solve(u, nbr1, nbr2, Q.detach(), **ctx.opts["solver"])[0].to(U.dtype)
+
+        if est == "imle_symmetric":
+            zp, zm, c = solve(U + lam * gZ), solve(U - lam * gZ), 1 / (2 * lam)
+        else:
+            zp, zm, c = Z, solve(U - lam * gZ), 1 / lam
+        dP = (edge_pair_indicator(zp, nbr1, nbr2) - edge_pair_indicator(zm, nbr1, nbr2)) * c
+        return (zp - zm) * c, dP, None, None, None
+
+
+def align(
+    x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
+    dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.5, solver="fw", estimator="imle",
+    mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
+    partial=False, max_iter=30, tol=1e-6, restarts=-1, seed=0,
+):
+    """Reference of ``torch.ops.exgramed.align`` (same arguments and results; see the op's docs)."""
+    K, N, _ = x.shape
+    graphs = torch.cat([x, x.mean(0, keepdim=True)]) if mode == "barycenter" else x
+    nbr = _knn_graph(graphs.detach(), k, metric)
+    h = _graph_conv(graphs, nbr, w_root1, w_rel1, bias1, aggr, reverse, True)
+    if dropout_mask is not None:
+        h = h * dropout_mask[0]
+    h = _graph_conv(h, nbr, w_root2, w_rel2, bias2, aggr, reverse, True)
+    if dropout_mask is not None:
+        h = h * dropout_mask[1]
+    src, dst = problem_graphs(K, mode)
+    hn = F.normalize(h, dim=-1)
+    nbr1 = nbr[src]
+    nbr2 = nbr1 if copy_structure else nbr[dst]
+
+    def edges(hg, nb):  # normalize(h_i - h_j) for edge (i, nb[i, s]), row i * k + s
+        P = hg.shape[0]
+        tails = hg[torch.arange(P)[:, None, None], nb]  # [P, N, k, h]
+        return F.normalize(hg[:, :, None, :] - tails, dim=-1).reshape(P, N * k, -1)
+
+    U = hn[src] @ hn[dst].transpose(1, 2) - 0.5
+    Q = 0.5 * (edges(h[src], nbr1) @ edges(h[dst], nbr2).transpose(1, 2) - 0.5)
+    S = 1
+    for noise in (unary_noise, quadratic_noise):
+        if noise is not None:
+            S = noise.shape[0]
+    P = len(src)
+    U = U.unsqueeze(0).expand(S, P, N, N)
+    Q = Q.unsqueeze(0).expand(S, P, N * k, N * k)
+    if unary_noise is not None:
+        U = U + noise_scale * unary_noise.expand(S, P, N, N)
+    if quadratic_noise is not None:
+        Q = Q + 0.5 * noise_scale * quadratic_noise.expand(S, P, N * k, N * k)
+    opts = {
+        "lambda_": lambda_,
+        "estimator": estimator,
+        "solver": dict(method=solver, max_iter=max_iter, tol=tol, restarts=restarts, partial=partial, seed=seed),
+    }
+    nb1 = nbr1.repeat(S, 1, 1)
+    nb2 = nbr2.repeat(S, 1, 1)
+    Z = _QAPEstimator.apply(U.reshape(S * P, N, N), Q.reshape(S * P, N * k, N * k), nb1, nb2, opts)
+    return hamming_loss(Z).mean(), Z

@@ -1,0 +1,140 @@
+"""The IMLE / blackbox backward of qap_solve against hand-computed values on tiny problems."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import exgramed_kernels  # noqa: F401
+from exgramed_kernels import estimators
+from exgramed_kernels.reference import edge_pair_indicator as edge_pair_indicator_ref
+
+# N = 3, k = 1. Graph 1 is the cycle 0 -> 1 -> 2 -> 0, graph 2 the reverse cycle 0 -> 2 -> 1 -> 0.
+NBR1 = torch.tensor([[[1], [2], [0]]])
+NBR2 = torch.tensor([[[2], [0], [1]]])
+I3 = torch.eye(3, dtype=torch.float64)[None]
+# sigma = (0 -> 0, 1 -> 2, 2 -> 1) maps every edge of graph 1 onto an edge of graph 2:
+# (0,1) -> (0,2) = f0, (1,2) -> (2,1) = f2, (2,0) -> (1,0) = f1.
+SIGMA = torch.tensor([[[1.0, 0, 0], [0, 0, 1], [0, 1, 0]]], dtype=torch.float64)
+P_SIGMA = torch.zeros(1, 3, 3, dtype=torch.float64)
+P_SIGMA[0, 0, 0] = P_SIGMA[0, 1, 2] = P_SIGMA[0, 2, 1] = 1.0
+
+
+def test_edge_pair_indicator_by_hand():
+    for impl in (estimators.edge_pair_indicator, edge_pair_indicator_ref):
+        # The identity maps no edge of graph 1 onto an edge of graph 2 (the cycles run opposite ways).
+        assert torch.equal(impl(I3, NBR1, NBR2), torch.zeros(1, 3, 3, dtype=torch.float64))
+        assert torch.equal(impl(SIGMA, NBR1, NBR2), P_SIGMA)
+
+
+def test_edge_pair_indicator_matches_reference_random():
+    g = torch.Generator().manual_seed(0)
+    G, N, k = 3, 7, 3
+    Z = torch.rand(G, N, N, generator=g, dtype=torch.float64)
+    nbr1 = torch.randint(0, N, (G, N, k), generator=g)
+    nbr2 = torch.randint(0, N, (G, N, k), generator=g)
+    got = estimators.edge_pair_indicator(Z, nbr1, nbr2)
+    want = edge_pair_indicator_ref(Z, nbr1, nbr2)
+    assert torch.allclose(got, want, rtol=1e-14, atol=0)
+    # One entry by its definition: e = (i, nbr1[i, s]), f = (a, nbr2[a, t]).
+    i, s, a, t = 4, 2, 1, 0
+    want_one = Z[1, i, a] * Z[1, nbr1[1, i, s], nbr2[1, a, t]]
+    assert got[1, i * k + s, a * k + t] == want_one
+
+
+def _tiny_problem():
+    # U favours the identity by 0.5 per node; dL/dZ = I - sigma makes the target favour sigma.
+    U = (0.5 * I3).clone().requires_grad_()
+    Q = torch.zeros(1, 3, 3, dtype=torch.float64, requires_grad=True)
+    dLdZ = I3 - SIGMA
+    return U, Q, dLdZ
+
+
+@pytest.mark.parametrize("estimator", ["imle", "blackbox"])
+@pytest.mark.parametrize("lam", [1.0, 4.0])
+def test_one_sided_estimators_by_hand(estimator, lam):
+    U, Q, dLdZ = _tiny_problem()
+    Z, obj = torch.ops.exgramed.qap_solve(U, NBR1, NBR2, Q, None, None, "fw", 50, 1e-6, -1, False, 0,
+                                          estimator, lam)
+    assert torch.equal(Z, I3)
+    gU, gQ = torch.autograd.grad((Z * dLdZ).sum(), (U, Q))
+    # Target U - lam dL/dZ: sigma scores 0.5 + 2 lam, the identity 0.5 - 2 lam -> Z' = sigma.
+    assert torch.equal(gU, (I3 - SIGMA) / lam)
+    # Edge pairs: P(I) = 0 and P(sigma) = P_SIGMA.
+    assert torch.equal(gQ, (torch.zeros_like(P_SIGMA) - P_SIGMA) / lam)
+
+
+def test_zero_gradient_when_resolve_keeps_the_matching():
+    # lambda too small to overturn the margin of 0.5: Z' = Z, the estimate is exactly zero.
+    U, Q, dLdZ = _tiny_problem()
+    Z, _ = torch.ops.exgramed.qap_solve(U, NBR1, NBR2, Q, None, None, "fw", 50, 1e-6, -1, False, 0, "imle", 0.1)
+    gU, gQ = torch.autograd.grad((Z * dLdZ).sum(), (U, Q))
+    assert torch.equal(gU, torch.zeros_like(gU)) and torch.equal(gQ, torch.zeros_like(gQ))
+
+
+def test_objective_gradient_is_the_matching():
+    U, Q, _ = _tiny_problem()
+    Z, obj = torch.ops.exgramed.qap_solve(U, NBR1, NBR2, Q, None, None, "fw", 50, 1e-6, -1, False, 0, "imle", 1.0)
+    gU, gQ = torch.autograd.grad(3.0 * obj.sum(), (U, Q))
+    assert torch.equal(gU, 3.0 * I3)
+    assert torch.equal(gQ, torch.zeros_like(gQ))  # the identity maps no edge pair
+
+
+def test_symmetric_imle_by_hand():
+    U, Q, dLdZ = _tiny_problem()
+    lam = 2.0
+    Z, _ = torch.ops.exgramed.qap_solve(U.detach(), NBR1, NBR2, Q.detach())
+    ctx = SimpleNamespace(
+        saved_tensors=(U.detach(), NBR1, NBR2, Q.detach(), None, None, Z),
+        needs_input_grad=(True, False, False, True, False, False) + (False,) * 8,
+        method="fw", max_iter=50, tol=1e-6, restarts=-1, partial=False, seed=0,
+        estimator="imle_symmetric", lambda_=lam, has_Q=True, has_H=False,
+    )
+    out = estimators._backward(ctx, dLdZ, None)
+    # Z(U + lam g) = I (margin grows), Z(U - lam g) = sigma: central difference over 2 lam.
+    assert torch.equal(out[0], (I3 - SIGMA) / (2 * lam))
+    assert torch.equal(out[3], -P_SIGMA / (2 * lam))
+
+
+def test_quadratic_scores_steer_the_resolve():
+    # Here the target's unary part is flat between I and sigma; only Q decides, and the gradient of Q
+    # is the difference of the two edge-pair indicators.
+    U = torch.zeros(1, 3, 3, dtype=torch.float64, requires_grad=True)
+    Q = torch.full((1, 3, 3), -0.1, dtype=torch.float64, requires_grad=True)  # every mapped edge costs 0.1
+    Z, _ = torch.ops.exgramed.qap_solve(U, NBR1, NBR2, Q, None, None, "fw", 50, 1e-6, -1, False, 0, "imle", 1.0)
+    P = edge_pair_indicator_ref(Z.detach(), NBR1, NBR2)
+    assert P.sum() == 0  # the best matchings map no edge pair (e.g. the identity)
+    gZ = torch.zeros(1, 3, 3, dtype=torch.float64)
+    gZ[0] = -5.0 * SIGMA[0]  # the loss wants sigma strongly: the target is sigma despite the edge cost
+    gU, gQ = torch.autograd.grad((Z * gZ).sum(), (U, Q))
+    assert torch.equal(gU, Z.detach() - SIGMA)
+    assert torch.equal(gQ, -P_SIGMA)
+
+
+def test_implicit_q_gradient_matches_dense():
+    # H1/H2 form: the gradient reaching H is dL/dQ pushed through Q = <normalize(dH1), normalize(dH2)>.
+    g = torch.Generator().manual_seed(1)
+    G, N, k, h = 2, 5, 2, 4
+    U = torch.randn(G, N, N, generator=g, dtype=torch.float64)
+    H1 = torch.randn(G, N, h, generator=g, dtype=torch.float64, requires_grad=True)
+    H2 = torch.randn(G, N, h, generator=g, dtype=torch.float64, requires_grad=True)
+    nbr1 = torch.stack([torch.stack([(torch.arange(k) + i + 1) % N for i in range(N)])] * G)
+    nbr2 = nbr1.flip(-1).contiguous()
+    Q = exgramed_kernels.reference.implicit_q(H1, H2, nbr1, nbr2)
+    Qd = Q.detach().requires_grad_()
+    gZ = torch.randn(G, N, N, generator=g, dtype=torch.float64)
+    Z1, _ = torch.ops.exgramed.qap_solve(U, nbr1, nbr2, None, H1, H2, "fw", 50, 1e-6, -1, False, 0, "imle", 3.0)
+    Z2, _ = torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Qd, None, None, "fw", 50, 1e-6, -1, False, 0, "imle", 3.0)
+    assert torch.equal(Z1, Z2)
+    gH = torch.autograd.grad((Z1 * gZ).sum(), (H1, H2))
+    (gQ,) = torch.autograd.grad((Z2 * gZ).sum(), (Qd,))
+    want = torch.autograd.grad(Q, (H1, H2), gQ)
+    for a, b in zip(gH, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_bad_estimator_arguments():
+    U, Q, _ = _tiny_problem()
+    with pytest.raises(RuntimeError, match="lambda_"):
+        estimators.check_estimator("imle", 0.0)
+    with pytest.raises(RuntimeError, match="estimator"):
+        estimators.check_estimator("reinforce", 1.0)
