@@ -122,6 +122,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(out, xa, argmax, nbr, w_root, w_rel)
     ctx.aggr, ctx.reverse, ctx.relu, ctx.has_bias = aggr, reverse, relu, bias is not None
     ctx.mark_non_differentiable(xa, argmax)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for xa and argmax
 
 
 def _backward(ctx, grad_out, _grad_xa, _grad_argmax):
@@ -145,6 +146,7 @@ def _setup_context_stacked(ctx, inputs, output):
     ctx.save_for_backward(out, xa, argmax, nbr, weight)
     ctx.aggr, ctx.reverse, ctx.relu, ctx.has_bias = aggr, reverse, relu, bias is not None
     ctx.mark_non_differentiable(xa, argmax)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for xa and argmax
 
 
 def _backward_stacked(ctx, grad_out, _grad_xa, _grad_argmax):

@@ -1,5 +1,5 @@
 // graph_conv, CPU kernels: the neighbourhood aggregation and its transpose, one node per
-// task (at::parallel_for), features innermost (contiguous rows, auto-vectorised). The GEMMs
+// task (at::parallel_for), features innermost (contiguous rows, vectorised row primitives). The GEMMs
 // and the graph structure are shared with CUDA (graph_conv.h).
 //
 // Max: ties go to the neighbour with the lowest node index (then the first table slot), so the
@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -21,6 +22,77 @@ template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 inline int64_t gc_grain(int64_t d, int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * (k + 1))); }
+
+// ---- row primitives: branch-free loops the compiler vectorises; float/double get AVX-512 and
+// AVX2 clones picked at load time (the extension itself is built for baseline x86-64). ----
+
+template <typename T, typename A>
+inline void row_max_step(const T* __restrict xr, A* __restrict best, int32_t* __restrict arg,
+                         int32_t* __restrict bc, int64_t d, int32_t p, int32_t c) {
+  // Take x if it is larger, or equal and from a lower node index (the tie rule).
+  for (int64_t f = 0; f < d; ++f) {
+    const A v = static_cast<A>(xr[f]);
+    const bool take = (v > best[f]) | ((v == best[f]) & (c < bc[f]));
+    best[f] = take ? v : best[f];
+    arg[f] = take ? p : arg[f];
+    bc[f] = take ? c : bc[f];
+  }
+}
+
+template <typename T, typename A>
+inline void row_axpy(A* __restrict acc, const T* __restrict xr, A w, int64_t d) {
+  for (int64_t f = 0; f < d; ++f) acc[f] += w * static_cast<A>(xr[f]);
+}
+
+template <typename T, typename A>
+inline void row_masked_add(A* __restrict acc, const T* __restrict g, const int32_t* __restrict a, int32_t p,
+                           int64_t d) {
+  for (int64_t f = 0; f < d; ++f) acc[f] += a[f] == p ? static_cast<A>(g[f]) : A(0);
+}
+
+// Copies src into dst (if given); returns nonzero if src holds a NaN/Inf (v - v != 0 exactly then).
+template <typename T, typename A>
+inline int32_t row_copy_check(T* __restrict dst, const T* __restrict src, int64_t d) {
+  int32_t bad = 0;
+  if (dst) {
+    for (int64_t f = 0; f < d; ++f) {
+      const A v = static_cast<A>(src[f]);
+      dst[f] = src[f];
+      bad |= static_cast<int32_t>(v - v != A(0));
+    }
+  } else {
+    for (int64_t f = 0; f < d; ++f) {
+      const A v = static_cast<A>(src[f]);
+      bad |= static_cast<int32_t>(v - v != A(0));
+    }
+  }
+  return bad;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GC_CLONES
+#endif
+
+#define GC_SPECIALISE(T, A)                                                                                       \
+  GC_CLONES void row_max_step(const T* __restrict xr, A* __restrict best, int32_t* __restrict arg,              \
+                              int32_t* __restrict bc, int64_t d, int32_t p, int32_t c) {                        \
+    row_max_step<T, A>(xr, best, arg, bc, d, p, c);                                                             \
+  }                                                                                                             \
+  GC_CLONES void row_axpy(A* __restrict acc, const T* __restrict xr, A w, int64_t d) {                          \
+    row_axpy<T, A>(acc, xr, w, d);                                                                              \
+  }                                                                                                             \
+  GC_CLONES void row_masked_add(A* __restrict acc, const T* __restrict g, const int32_t* __restrict a, int32_t p, \
+                                int64_t d) {                                                                    \
+    row_masked_add<T, A>(acc, g, a, p, d);                                                                      \
+  }                                                                                                             \
+  GC_CLONES int32_t row_copy_check(T* __restrict dst, const T* __restrict src, int64_t d) {                     \
+    return row_copy_check<T, A>(dst, src, d);                                                                   \
+  }
+GC_SPECIALISE(float, float)
+GC_SPECIALISE(double, double)
+#undef GC_SPECIALISE
 
 template <typename scalar_t>
 bool aggregate_kernel(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::Tensor& agg, at::Tensor& argmax,
@@ -39,24 +111,16 @@ bool aggregate_kernel(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::T
   const int64_t cstride = xcopy.defined() ? xcopy.stride(1) : 0;
   std::atomic<bool> finite{true};
   at::parallel_for(0, G * N, gc_grain(d, k), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(aggr == GcAggr::Max ? 0 : d);
-    // v - v is 0 for finite v and NaN for NaN/Inf: one NaN-propagating sum checks every row.
-    acc_t chk = 0;
-    for (int64_t gn = begin; gn < end; ++gn) {
-      const scalar_t* own = xp + gn * d;
-      if (cp) {
-        scalar_t* c = cp + gn * cstride;
-        for (int64_t f = 0; f < d; ++f) {
-          c[f] = own[f];
-          chk += static_cast<acc_t>(own[f]) - static_cast<acc_t>(own[f]);
-        }
-      } else {
-        for (int64_t f = 0; f < d; ++f) chk += static_cast<acc_t>(own[f]) - static_cast<acc_t>(own[f]);
-      }
-    }
-    if (chk != acc_t(0)) finite = false;
+    std::vector<acc_t> acc(d);
+    std::vector<int32_t> bc(aggr == GcAggr::Max ? d : 0);
+    int32_t bad = 0;
     for (int64_t gn = begin; gn < end; ++gn) {
       const int64_t g = gn / N, n = gn % N;
+      scalar_t* dst = cp ? cp + gn * cstride : nullptr;
+      if constexpr (std::is_same_v<scalar_t, acc_t>)
+        bad |= row_copy_check(dst, xp + gn * d, d);  // the AVX clones
+      else
+        bad |= row_copy_check<scalar_t, acc_t>(dst, xp + gn * d, d);
       const int64_t b = ptr ? ptr[g * (N + 1) + n] : n * k;
       const int64_t e = ptr ? ptr[g * (N + 1) + n + 1] : (n + 1) * k;
       const int64_t* cg = col + g * E;
@@ -64,36 +128,22 @@ bool aggregate_kernel(const at::Tensor& x, const GcGraph& gr, GcAggr aggr, at::T
       scalar_t* o = op + gn * ostride;
       if (aggr == GcAggr::Max) {
         int32_t* a = am + gn * d;
-        if (b == e) {
-          for (int64_t f = 0; f < d; ++f) o[f] = scalar_t(0), a[f] = -1;
-          continue;
-        }
-        const scalar_t* x0 = xg + cg[b] * d;
-        for (int64_t f = 0; f < d; ++f) o[f] = x0[f], a[f] = static_cast<int32_t>(b);
-        for (int64_t p = b + 1; p < e; ++p) {
-          const int64_t c = cg[p];
-          const scalar_t* xr = xg + c * d;
-          for (int64_t f = 0; f < d; ++f) {
-            const acc_t v = static_cast<acc_t>(xr[f]), cur = static_cast<acc_t>(o[f]);
-            if (v > cur || (v == cur && c < cg[a[f]])) o[f] = xr[f], a[f] = static_cast<int32_t>(p);
-          }
-        }
+        std::fill(acc.begin(), acc.end(), -std::numeric_limits<acc_t>::infinity());
+        std::fill(bc.begin(), bc.end(), std::numeric_limits<int32_t>::max());
+        std::fill(a, a + d, int32_t(-1));
+        for (int64_t p = b; p < e; ++p)
+          row_max_step(xg + cg[p] * d, acc.data(), a, bc.data(), d, static_cast<int32_t>(p),
+                       static_cast<int32_t>(cg[p]));
+        // x is finite, so a non-empty neighbourhood has replaced every -inf.
+        for (int64_t f = 0; f < d; ++f) o[f] = b == e ? scalar_t(0) : static_cast<scalar_t>(acc[f]);
         continue;
       }
-      if (selfw) {
-        const acc_t s = selfw[gn];
-        const scalar_t* xs = xg + n * d;
-        for (int64_t f = 0; f < d; ++f) acc[f] = s * static_cast<acc_t>(xs[f]);
-      } else {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-      }
-      for (int64_t p = b; p < e; ++p) {
-        const acc_t wp = w ? w[g * E + p] : acc_t(1);
-        const scalar_t* xr = xg + cg[p] * d;
-        for (int64_t f = 0; f < d; ++f) acc[f] += wp * static_cast<acc_t>(xr[f]);
-      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      if (selfw) row_axpy(acc.data(), xg + n * d, selfw[gn], d);
+      for (int64_t p = b; p < e; ++p) row_axpy(acc.data(), xg + cg[p] * d, w ? w[g * E + p] : acc_t(1), d);
       for (int64_t f = 0; f < d; ++f) o[f] = static_cast<scalar_t>(acc[f]);
     }
+    if (bad) finite = false;
   });
   return finite.load();
 }
@@ -120,29 +170,16 @@ void aggregate_backward_kernel(const at::Tensor& gagg, const c10::optional<at::T
       const int64_t g = gn / N, j = gn % N;
       const int64_t b = tptr ? tptr[g * (N + 1) + j] : j * k;
       const int64_t e = tptr ? tptr[g * (N + 1) + j + 1] : (j + 1) * k;
-      if (dp) {
-        const scalar_t* dr = dp + gn * dstride;
-        for (int64_t f = 0; f < d; ++f) acc[f] = static_cast<acc_t>(dr[f]);
-      } else {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-      }
-      if (selfw) {
-        const acc_t s = selfw[gn];
-        const scalar_t* gr_self = gp + gn * gstride;
-        for (int64_t f = 0; f < d; ++f) acc[f] += s * static_cast<acc_t>(gr_self[f]);
-      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      if (dp) row_axpy(acc.data(), dp + gn * dstride, acc_t(1), d);
+      if (selfw) row_axpy(acc.data(), gp + gn * gstride, selfw[gn], d);
       for (int64_t q = b; q < e; ++q) {
         const int64_t n = g * N + tcol[g * E + q];
         const int64_t p = tpos[g * E + q];
-        const scalar_t* grow = gp + n * gstride;
-        if (am) {
-          const int32_t* a = am + n * d;
-          const int32_t p32 = static_cast<int32_t>(p);
-          for (int64_t f = 0; f < d; ++f) acc[f] += a[f] == p32 ? static_cast<acc_t>(grow[f]) : acc_t(0);
-        } else {
-          const acc_t wp = w ? w[g * E + p] : acc_t(1);
-          for (int64_t f = 0; f < d; ++f) acc[f] += wp * static_cast<acc_t>(grow[f]);
-        }
+        if (am)
+          row_masked_add(acc.data(), gp + n * gstride, am + n * d, static_cast<int32_t>(p), d);
+        else
+          row_axpy(acc.data(), gp + n * gstride, w ? w[g * E + p] : acc_t(1), d);
       }
       scalar_t* o = op + gn * d;
       for (int64_t f = 0; f < d; ++f) o[f] = static_cast<scalar_t>(acc[f]);

@@ -197,10 +197,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(out, x, agg, argmax, nbr, w_root, w_rel)
     ctx.aggr, ctx.reverse, ctx.relu, ctx.has_bias = aggr, reverse, relu, bias is not None
     ctx.mark_non_differentiable(agg, argmax)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_agg, _grad_argmax):
     out, x, agg, argmax, nbr, w_root, w_rel = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None
     gx, g_root, g_rel, gb = graph_conv_backward_triton(
         grad_out, out, x, agg, argmax, nbr, w_root, w_rel, ctx.aggr, ctx.reverse, ctx.relu
     )
