@@ -1,0 +1,155 @@
+"""Command line: ``python -m exgramed_train {demo,stage1,stage2,evaluate,generate-extended,make-demo}``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="LLaVA-Med JSON file")
+    p.add_argument("--image-folder", required=True)
+    p.add_argument("--out", required=True, help="output directory (logs, checkpoints, model/)")
+    p.add_argument("--lr", type=float, help="default: 2e-3 (stage1), 2e-5 (stage2)")
+    p.add_argument("--epochs", type=int, help="default: 1 (stage1), 3 (stage2)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-response-length", type=int, default=256)
+    p.add_argument("--on-overlength", choices=["error", "skip"], default="error")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _config(args, stage):
+    from .training import TrainConfig
+    return TrainConfig(stage=stage, data=args.data, image_folder=args.image_folder, out=args.out, lr=args.lr,
+                       epochs=args.epochs, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_length=args.max_length,
+                       max_response_length=args.max_response_length, on_overlength=args.on_overlength,
+                       bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
+                       tune_vision=getattr(args, "tune_vision", False), seed=args.seed,
+                       save_every=args.save_every, max_steps=args.max_steps, resume=args.resume,
+                       device=args.device, num_workers=args.num_workers, progress=not args.no_progress)
+
+
+def _align_options(pairs):
+    opts = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--align-option expects KEY=VALUE, got {pair!r}")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exgramed_train", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="stage 1 + stage 2 + evaluation on the embedded dataset (CPU, minutes)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--stage1-epochs", type=int)
+    d.add_argument("--stage2-epochs", type=int)
+    d.add_argument("--no-progress", action="store_true")
+
+    s1 = sub.add_parser("stage1", help="projector (+ image-token rows) pre-training")
+    s1.add_argument("--llm", required=True, help="local HF causal LM directory")
+    s1.add_argument("--vision", required=True, help="HF CLIP directory, or open_clip checkpoint file")
+    s1.add_argument("--vision-backend", choices=["hf", "open_clip"], default="hf")
+    s1.add_argument("--vision-model-name", help="open_clip model name or model-config JSON")
+    s1.add_argument("--tokenizer", help="default: the --llm directory")
+    s1.add_argument("--projector", choices=["linear", "mlp2x_gelu"], default="mlp2x_gelu")
+    s1.add_argument("--select-layer", type=int, default=-2)
+    _train_args(s1)
+
+    s2 = sub.add_parser("stage2", help="full instruction tuning with AR + alpha * alignment")
+    s2.add_argument("--init-from", required=True, help="model directory written by stage1 (OUT/model)")
+    s2.add_argument("--alpha", type=float, default=1.0)
+    s2.add_argument("--align-k", type=int, default=5)
+    s2.add_argument("--align-hidden", type=int)
+    s2.add_argument("--align-text", choices=["embed", "after_de"], default="embed")
+    s2.add_argument("--official-pooling", action="store_true", help="mean-pool over pads too (official code)")
+    s2.add_argument("--align-option", action="append", metavar="KEY=VALUE",
+                    help="extra MultiGraphAlignment option (JSON value), repeatable")
+    s2.add_argument("--tune-vision", action="store_true")
+    _train_args(s2)
+
+    e = sub.add_parser("evaluate", help="greedy VQA answers + LLaVA-Med metrics")
+    e.add_argument("--model", required=True)
+    e.add_argument("--questions", required=True)
+    e.add_argument("--image-folder", required=True)
+    e.add_argument("--answers", required=True, help="answer JSONL to write")
+    e.add_argument("--metrics", help="metrics JSON to write (also printed)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--closed-rule", choices=["words", "official"], default="words",
+                   help="closed-question hit test: whole words (default) or LLaVA-Med's substring test")
+
+    g = sub.add_parser("generate-extended", help="write conversations_long with an LLM")
+    from .extended import add_arguments
+    add_arguments(g)
+
+    md = sub.add_parser("make-demo", help="regenerate the embedded demo dataset, tokenizer and configs")
+    md.add_argument("--out", help="target directory (default: the package's assets/demo)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "demo":
+        from .demo import run_demo
+        res = run_demo(args.out, seed=args.seed, stage1_epochs=args.stage1_epochs,
+                       stage2_epochs=args.stage2_epochs, progress=not args.no_progress)
+        print(json.dumps({"metrics": res["metrics"], "timings": res["timings"]}, indent=1))
+        print(f"report: {args.out}/report.md, plot: {args.out}/losses.png")
+    elif args.cmd in ("stage1", "stage2"):
+        from .model import LlavaMed, ModelSpec
+        from .training import train
+        if args.cmd == "stage1":
+            spec = ModelSpec(llm=args.llm, vision=args.vision, tokenizer=args.tokenizer,
+                             vision_backend=args.vision_backend, vision_model_name=args.vision_model_name,
+                             projector=args.projector, select_layer=args.select_layer)
+            factory = lambda: LlavaMed(spec)  # noqa: E731
+        else:
+            overrides = dict(alpha=args.alpha, align_k=args.align_k, align_hidden=args.align_hidden,
+                             align_text=args.align_text, official_pooling=args.official_pooling,
+                             align_options=_align_options(args.align_option))
+            factory = lambda: LlavaMed.load(args.init_from, with_alignment=True, **overrides)  # noqa: E731
+        print(json.dumps(train(_config(args, args.cmd), factory), indent=1))
+    elif args.cmd == "evaluate":
+        from .evaluation import evaluate
+        from .model import LlavaMed
+        metrics = evaluate(LlavaMed.load(args.model), args.questions, args.image_folder, args.answers,
+                           args.batch_size, args.max_new_tokens, args.device, args.closed_rule)
+        text = json.dumps(metrics, indent=1)
+        if args.metrics:
+            from .demo import _write_atomic
+            from pathlib import Path
+            _write_atomic(Path(args.metrics), text)
+        print(text)
+    elif args.cmd == "generate-extended":
+        from .extended import run_from_args
+        run_from_args(args)
+    elif args.cmd == "make-demo":
+        from pathlib import Path
+        from .make_demo import ASSETS, generate
+        print(generate(Path(args.out) if args.out else ASSETS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

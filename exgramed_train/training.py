@@ -1,0 +1,348 @@
+"""Stage-1 / stage-2 training loop: AdamW, cosine schedule with warmup, accumulation, DDP, exact resume.
+
+* ``stage1``: only the projector and the new image-token embedding rows train
+  (the other rows are restored after every step, as LLaVA does); defaults lr
+  2e-3, 1 epoch.
+* ``stage2``: the LM, the projector and the alignment module train (the vision
+  tower stays frozen unless ``tune_vision``); loss AR + alpha * align; defaults
+  lr 2e-5, 3 epochs.
+
+Runs single-process or under ``torchrun`` (``gloo`` on CPU, ``nccl`` on GPU).
+Every optimiser step is one line of ``log.jsonl``.  Checkpoints
+(``checkpoint-<step>/``: trainable weights, optimiser, scheduler, every rank's
+RNG states and the data position) are written to a temporary directory and
+renamed, so a crash never leaves a half-written one; ``resume=True`` continues
+from the latest and reproduces the uninterrupted run's losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data import ImageTextDataset, collate, load_records
+from .model import align_seconds
+
+STAGE_DEFAULTS = {"stage1": {"lr": 2e-3, "epochs": 1}, "stage2": {"lr": 2e-5, "epochs": 3}}
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training stage (``lr``/``epochs`` default to the stage's paper values)."""
+    stage: str
+    data: str
+    image_folder: str
+    out: str
+    lr: float | None = None
+    epochs: int | None = None
+    micro_batch: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    max_response_length: int = 256
+    on_overlength: str = "error"
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    tune_vision: bool = False
+    seed: int = 0
+    save_every: int = 0
+    max_steps: int | None = None
+    resume: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"stage must be one of {sorted(STAGE_DEFAULTS)}, got {self.stage!r}")
+        for k, v in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        for k in ("micro_batch", "grad_accum", "epochs"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+def _dist_info():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(cfg, local_rank):
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _rng_state():
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_trainable(model, stage: str, tune_vision: bool = False) -> list:
+    """Set ``requires_grad`` for the stage and return the trainable parameters."""
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if stage == "stage1":
+        model.lm.get_input_embeddings().requires_grad_(True)
+    else:
+        model.lm.requires_grad_(True)
+        if model.align is not None:
+            model.align.requires_grad_(True)
+        if tune_vision:
+            model.vision.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def epoch_batches(n: int, epoch: int, cfg: TrainConfig, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches of an epoch: a seeded permutation, sharded, cut to whole steps."""
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    per_rank = n // world
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    n_micro = (len(mine) // cfg.micro_batch) // cfg.grad_accum * cfg.grad_accum
+    return [mine[i * cfg.micro_batch:(i + 1) * cfg.micro_batch] for i in range(n_micro)]
+
+
+def train(cfg: TrainConfig, model_factory) -> dict:
+    """Run one stage; ``model_factory()`` builds the :class:`~exgramed_train.model.LlavaMed` model."""
+    world, rank, local_rank = _dist_info()
+    distributed = world > 1
+    device = _device(cfg, local_rank)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_all(cfg.seed)  # identical initialisation on every rank
+    model = model_factory()
+    align = cfg.stage == "stage2"
+    if align and cfg.micro_batch <= model.spec.align_k:
+        raise ValueError(f"micro_batch ({cfg.micro_batch}) must exceed the alignment's k "
+                         f"({model.spec.align_k}): k nearest neighbours among micro_batch nodes")
+    params = configure_trainable(model, cfg.stage, cfg.tune_vision)
+    if cfg.grad_checkpointing:
+        if hasattr(model.lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.lm.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.tune_vision:
+            model.vision.gradient_checkpointing_enable()
+    model.to(device)
+    emb = model.lm.get_input_embeddings().weight
+    n_base = getattr(model, "n_base_tokens", None)
+    frozen_rows = emb[:n_base].detach().clone() if cfg.stage == "stage1" and n_base else None
+    samples = load_records(cfg.data, cfg.image_folder, model.tokenizer, model.num_patches, cfg.max_length,
+                           need_long=align, max_response_length=cfg.max_response_length,
+                           on_overlength=cfg.on_overlength)
+    dataset = ImageTextDataset(samples, cfg.image_folder, model.vision.preprocess)
+    steps_per_epoch = len(epoch_batches(len(dataset), 0, cfg, rank, world)) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {len(dataset)} samples make no full step of "
+                         f"micro_batch={cfg.micro_batch} x grad_accum={cfg.grad_accum} x world={world}")
+    total = steps_per_epoch * cfg.epochs
+    from transformers import get_cosine_schedule_with_warmup
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(round(cfg.warmup_ratio * total)), total)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+    step = 0
+    seed_all(cfg.seed + 1 + rank)
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        step = _load_checkpoint(ckpt, model, opt, sched, rank)
+    log_path = out / "log.jsonl"
+    if rank == 0:
+        _truncate_log(log_path, step)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=step, desc=cfg.stage, disable=not cfg.progress or rank != 0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    pad = model.tokenizer.pad_token_id
+    interrupted = False
+    ddp.train()
+    while step < total and not interrupted:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        batches = epoch_batches(len(dataset), epoch, cfg, rank, world)[in_epoch * cfg.grad_accum:]
+        # an own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+        # and a resumed run (one extra iterator) would then see different dropout/alignment noise
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                             collate_fn=functools.partial(collate, pad_id=pad),
+                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        it = iter(loader)
+        for _ in range(len(batches) // cfg.grad_accum):
+            t0 = time.perf_counter()
+            acc = {"loss": 0.0, "ar_loss": 0.0, "align_loss": 0.0, "align_timing": [], "accuracy": None}
+            for j in range(cfg.grad_accum):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(it).items()}
+                sync = ddp.no_sync() if distributed and j < cfg.grad_accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast:
+                        r = ddp(batch, align=align)
+                    (r["loss"] / cfg.grad_accum).backward()
+                acc["loss"] += r["loss"].item() / cfg.grad_accum
+                acc["ar_loss"] += r["ar_loss"].item() / cfg.grad_accum
+                if align:
+                    acc["align_loss"] += r["align_loss"].item() / cfg.grad_accum
+                    acc["align_timing"].append(r["align_timing"])
+                    a = r["accuracy"].float().cpu() / cfg.grad_accum
+                    acc["accuracy"] = a if acc["accuracy"] is None else acc["accuracy"] + a
+            acc["align_time"] = sum(align_seconds(t) for t in acc.pop("align_timing"))  # backward hooks done
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if frozen_rows is not None:
+                with torch.no_grad():
+                    emb[:n_base] = frozen_rows
+            step += 1
+            rec = _step_record(cfg, step, epoch, sched, acc, time.perf_counter() - t0, distributed, device)
+            if rank == 0:
+                _append_jsonl(log_path, rec)
+                bar.update(1)
+                bar.set_postfix(ar=f"{rec['ar_loss']:.3f}", align=f"{rec['align_loss']:.3f}",
+                                acc=f"{np.mean(rec['accuracy'] or [0]):.2f}", step_s=f"{rec['step_time']:.2f}",
+                                align_share=f"{rec['align_share']:.0%}")
+            interrupted = cfg.max_steps is not None and cfg.max_steps <= step < total
+            if interrupted or step == total or (cfg.save_every and step % cfg.save_every == 0):
+                save_checkpoint(out, step, model, opt, sched, rank, world)
+            if interrupted:
+                break
+    bar.close()
+    if not interrupted and rank == 0:
+        _atomic_dir(out / "model", model.save)
+    if distributed:
+        dist.barrier()
+    return {"steps": step, "total_steps": total, "interrupted": interrupted, "log": str(log_path),
+            "model": None if interrupted else str(out / "model")}
+
+
+def _step_record(cfg, step, epoch, sched, acc, step_time, distributed, device) -> dict:
+    vals = torch.tensor([acc["loss"], acc["ar_loss"], acc["align_loss"], step_time, acc["align_time"]],
+                        dtype=torch.float64)
+    accuracy = acc["accuracy"]
+    if distributed:  # report the mean over ranks
+        vals = vals.to(device)
+        dist.all_reduce(vals)
+        vals = (vals / dist.get_world_size()).cpu()
+        if accuracy is not None:
+            a = accuracy.to(device, torch.float64)
+            dist.all_reduce(a)
+            accuracy = (a / dist.get_world_size()).cpu()
+    loss, ar, al, st, at = vals.tolist()
+    return {"stage": cfg.stage, "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+            "loss": loss, "ar_loss": ar, "align_loss": al,
+            "accuracy": None if accuracy is None else [round(x, 6) for x in accuracy.tolist()],
+            "step_time": st, "align_time": at, "align_share": at / st if st > 0 else 0.0}
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps ``<= step`` (all of them dropped for a fresh run)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _atomic_dir(final: Path, write) -> None:
+    """Call ``write(tmp_dir)`` then swap the directory into place."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        final.replace(old)
+    tmp.replace(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ptr = Path(out) / "checkpoint-latest"
+    return Path(out) / ptr.read_text().strip() if ptr.exists() else None
+
+
+def save_checkpoint(out: Path, step, model, opt, sched, rank, world) -> None:
+    """Write ``checkpoint-<step>/`` atomically and point ``checkpoint-latest`` at it."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f"checkpoint-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if world > 1:
+        dist.barrier()
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"step": step, "model": trainable, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "world": world,
+                    # the alignment module's call counter drives its noise schedule (a plain int attribute)
+                    "align_calls": getattr(model.align, "step", None)}, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+        ptr = out / "checkpoint-latest.tmp"
+        ptr.write_text(final.name + "\n")
+        ptr.replace(out / "checkpoint-latest")
+        for old in out.glob("checkpoint-*"):
+            if old.is_dir() and old.name != final.name and not old.name.endswith(".tmp"):
+                shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def _load_checkpoint(ckpt: Path, model, opt, sched, rank) -> int:
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if state["world"] != world:
+        raise ValueError(f"checkpoint {ckpt} was written by {state['world']} process(es); resuming it with "
+                         f"{world} would change the data order (run with the same number of processes)")
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["model"]]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt} lacks trainable parameters {missing[:5]} (different stage/options?)")
+    model.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if state.get("align_calls") is not None and model.align is not None:
+        model.align.step = state["align_calls"]
+    _set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False))
+    return int(state["step"])
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,117 @@
+"""Training stages: what trains, the loss and its logs, bf16 + checkpointing, exact resume."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from exgramed_train.make_demo import ASSETS
+from exgramed_train.model import LlavaMed
+from exgramed_train.training import TrainConfig, latest_checkpoint, train
+
+
+IMAGES = str(ASSETS / "images")
+
+
+def _log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _s1(tmp_path, subset, n=16, **kw):
+    base = dict(stage="stage1", data=subset("stage1.json", tmp_path / "s1.json", n), image_folder=IMAGES,
+                out=str(tmp_path / "run"), micro_batch=4, max_length=160, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _s2(tmp_path, subset, n=24, **kw):
+    base = dict(stage="stage2", data=subset("stage2.json", tmp_path / "s2.json", n), image_folder=IMAGES,
+                out=str(tmp_path / "run2"), micro_batch=6, max_length=160, progress=False, lr=1e-3, epochs=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_stage_defaults_follow_the_paper():
+    c1 = TrainConfig(stage="stage1", data="x", image_folder="y", out="z")
+    c2 = TrainConfig(stage="stage2", data="x", image_folder="y", out="z")
+    assert (c1.lr, c1.epochs, c2.lr, c2.epochs) == (2e-3, 1, 2e-5, 3)
+    with pytest.raises(ValueError, match="stage must be"):
+        TrainConfig(stage="stage3", data="x", image_folder="y", out="z")
+
+
+def test_stage1_trains_projector_and_new_rows_only(tmp_path, spec, tiny, subset):
+    built = {}
+
+    def factory():
+        built["m"] = LlavaMed(spec)
+        built["init"] = {k: v.clone() for k, v in built["m"].state_dict().items()}
+        return built["m"]
+
+    res = train(_s1(tmp_path, subset, grad_accum=2), factory)
+    m, init = built["m"], built["init"]
+    assert res["steps"] == res["total_steps"] == 2  # 16 samples / (4 x 2)
+    n = m.n_base_tokens
+    emb = "lm.model.embed_tokens.weight"
+    after = m.state_dict()
+    assert torch.equal(after[emb][:n], init[emb][:n])
+    assert not torch.equal(after[emb][n:], init[emb][n:])
+    changed = {k for k in init if not torch.equal(after[k], init[k])}
+    assert changed == {emb} | {k for k in init if k.startswith("projector.")}
+    log = _log(res["log"])
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(r["align_loss"] == 0 and r["accuracy"] is None for r in log)
+    assert (Path(res["model"]) / "exgramed_model.json").exists()
+
+
+def test_stage2_adds_alignment_loss_and_trains_lm(tmp_path, stage1_model, subset):
+    res = train(_s2(tmp_path, subset, epochs=1), lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+    log = _log(res["log"])
+    assert len(log) == 4
+    for r in log:
+        assert r["align_loss"] > 0 and len(r["accuracy"]) == 3
+        assert all(0 <= a <= 1 for a in r["accuracy"])
+        assert r["loss"] == pytest.approx(r["ar_loss"] + r["align_loss"], rel=1e-5)
+        assert 0 < r["align_share"] < 1
+    out = LlavaMed.load(res["model"], with_alignment=True)
+    ref = LlavaMed.load(stage1_model)
+    assert not torch.equal(out.lm.model.layers[0].mlp.up_proj.weight, ref.lm.model.layers[0].mlp.up_proj.weight)
+    assert (Path(res["model"]) / "alignment.pt").exists()
+
+
+def test_stage2_rejects_batch_not_larger_than_k(tmp_path, stage1_model, subset):
+    with pytest.raises(ValueError, match=r"micro_batch \(3\) must exceed the alignment's k \(3\)"):
+        train(_s2(tmp_path, subset, micro_batch=3), lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+
+
+def test_bf16_autocast_and_gradient_checkpointing(tmp_path, stage1_model, subset):
+    res = train(_s2(tmp_path, subset, epochs=1, n=12, bf16=True, grad_checkpointing=True),
+                lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+    log = _log(res["log"])
+    assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+
+
+def _resume_matches(tmp_path, cfg, factory, stop):
+    full = train(replace(cfg, out=str(tmp_path / "full")), factory)
+    part = train(replace(cfg, out=str(tmp_path / "part"), max_steps=stop), factory)
+    assert part["interrupted"] and part["steps"] == stop and part["model"] is None
+    assert latest_checkpoint(tmp_path / "part").name == f"checkpoint-{stop}"
+    resumed = train(replace(cfg, out=str(tmp_path / "part"), resume=True), factory)
+    a, b = _log(full["log"]), _log(resumed["log"])
+    assert [r["step"] for r in b] == list(range(1, full["steps"] + 1))
+    for x, y in zip(a, b):
+        for key in ("loss", "ar_loss", "align_loss", "accuracy", "lr", "epoch"):
+            assert x[key] == y[key], (x["step"], key)
+    return a
+
+
+def test_stage1_resume_reproduces_uninterrupted_losses(tmp_path, spec, subset):
+    # 3 steps per epoch, 2 epochs; interrupt in the middle of the first epoch
+    log = _resume_matches(tmp_path, _s1(tmp_path, subset, n=12, epochs=2), lambda: LlavaMed(spec), stop=2)
+    assert len(log) == 6
+
+
+def test_stage2_resume_reproduces_uninterrupted_losses(tmp_path, stage1_model, subset):
+    log = _resume_matches(tmp_path, _s2(tmp_path, subset, n=12, epochs=2, grad_accum=1),
+                          lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3), stop=3)
+    assert len(log) == 4
