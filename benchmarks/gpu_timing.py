@@ -412,6 +412,8 @@ def main(argv=None) -> dict:
     _setup_env(args.device)
     import torch
 
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # the dry run only checks the code paths; one thread avoids OpenMP stalls
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (peers and floors alike)
     os.makedirs(args.out, exist_ok=True)

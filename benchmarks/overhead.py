@@ -48,7 +48,7 @@ OFFICIAL_ALIGN_SHARE = (OFFICIAL_STEP["stage2_hours"] - OFFICIAL_STEP["llava_med
 
 LLAVA_B = {"full": [16, 64, 256, 1024], "quick": [16, 64], "tiny": [8]}
 LLAVA_D = {"full": 4096, "quick": 4096, "tiny": 64}
-MEM_B = {"full": [16, 64, 256, 1024], "quick": [16, 64, 256], "tiny": [8, 16]}
+MEM_B = {"full": [16, 64, 256, 1024], "quick": [16, 64, 256], "tiny": [8]}
 MEM_D = {"full": 512, "quick": 512, "tiny": 32}
 MEM_OFFICIAL_MAX_B = {"full": 256, "quick": 64, "tiny": 8}
 DEMO_STEPS = {"full": 24, "quick": 8, "tiny": 2}
@@ -82,9 +82,8 @@ def demo_share(mode: str, log=print) -> dict:
         wall = time.perf_counter() - t0
         with open(r["log"]) as f:
             recs = [json.loads(line) for line in f if line.strip()]
-        model = LlavaMed(spec, with_alignment=True)
-        d = model.align.dim
-        del model
+    with open(ASSETS / "llm_config.json") as f:
+        d = json.load(f)["hidden_size"]
     recs = recs[1:] if len(recs) > 2 else recs  # the first step warms up allocators and kernels
     step = sorted(r["step_time"] for r in recs)
     align = sorted(r["align_time"] for r in recs)
@@ -186,7 +185,8 @@ def memory(mode: str, log=print) -> list[dict]:
         for which in ("ours", "official-equivalent"):
             if which != "ours" and B > MEM_OFFICIAL_MAX_B[mode]:
                 continue
-            cmd = [sys.executable, "-m", "benchmarks.overhead", "--memory-child", which, str(B), str(d)]
+            cmd = [sys.executable, "-m", "benchmarks.overhead", "--memory-child", which, str(B), str(d),
+                   "--threads", str(torch.get_num_threads())]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
             if p.returncode != 0:
                 raise RuntimeError(f"memory child {which} B={B} failed:\n{p.stderr[-2000:]}")
@@ -214,8 +214,11 @@ def main(argv=None):
     g.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-demo", action="store_true", help="skip (a), the demo's stage-2 steps")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--memory-child", nargs=3, metavar=("WHICH", "B", "D"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     if a.memory_child:
         which, B, d = a.memory_child
         print(json.dumps(_memory_child(which, int(B), int(d))))

@@ -90,6 +90,7 @@ def run(mode: str, ops: list[str], overhead: bool, demo: bool, log=print) -> dic
         t = time.perf_counter()
         res["overhead"] = ov.run_all(mode, log, demo=demo)
         res["op_seconds"]["overhead"] = time.perf_counter() - t
+    res["command"] += f" --threads {torch.get_num_threads()}" if torch.get_num_threads() != 1 else ""
     res["info"]["load_end"] = os.getloadavg()[0]
     res["seconds"] = time.perf_counter() - t0
     return res
@@ -105,6 +106,8 @@ def fmt_time(s: float | None) -> str:
 
 
 def fmt_bytes(b: float) -> str:
+    if b < 2**20:
+        return f"{b / 2**10:.0f} KiB"
     return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
 
 
@@ -219,7 +222,8 @@ def overhead_lines(ov: dict, gpu: dict | None) -> list[str]:
               f"{100 * demo['share']:.1f} % |", ""]
     s = OFFICIAL_STEP
     per = ov["seconds_per_sample"]
-    L += ["**(b) LLaVA-Med-7B-shaped inputs (K = 3, d = 4096) against the official setup's step.** "
+    d_llava = ov["llava"][0]["d"] if ov["llava"] else 4096
+    L += [f"**(b) LLaVA-Med-7B-shaped inputs (K = 3, d = {d_llava}) against the official setup's step.** "
           "The official step time is an **estimate**, derived from the paper, not measured: "
           f"{s['source']} Stage 2 therefore processes {s['epochs']} x {s['samples']:,} samples in "
           f"{s['stage2_hours']} h x 3600 s = {s['stage2_hours'] * 3600:,.0f} s, i.e. {per:.2f} s of wall time per "
@@ -227,7 +231,7 @@ def overhead_lines(ov: dict, gpu: dict | None) -> list[str]:
           f"global batch of B samples thus takes about {per:.2f} x B s, and the comparison assumes the alignment "
           "of the whole batch runs serially inside that step (the conservative placement). The paper's own "
           f"figure for its alignment: 0.5 h of 7.0 h, a {100 * ov['official_align_share']:.1f} % longer stage 2.",
-          "", "Alignment: default `MultiGraphAlignment(4096)` forward + backward, fp32, on this CPU (an upper "
+          "", f"Alignment: default `MultiGraphAlignment({d_llava})` forward + backward, fp32, on this CPU (an upper "
           "bound for a GPU); the H200 column (bf16) comes from `scripts/gpu_check.sh` when it has been run.", "",
           "| B | official step (estimate) | align fwd+bwd, this CPU | share (CPU) | align fwd+bwd, H200 bf16 | share (H200) |",
           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -291,7 +295,11 @@ def render(res: dict, out_dir: str, gpu: dict | None = None) -> str:
          f"(mode `{res['mode']}`; regenerate with `python -m benchmarks.report`, or `--quick`).", "",
          f"Machine: {info['machine']}. Load average {info['load_start']:.1f} at the start, "
          f"{info.get('load_end', float('nan')):.1f} at the end (a shared machine: absolute times are noisy; "
-         "every ratio compares providers measured interleaved in the same seconds).", "",
+         "every ratio compares providers measured interleaved in the same seconds). "
+         f"torch threads: {info['threads']}" + (" (the default here: on this oversubscribed machine an OpenMP region "
+                                                "of 2 threads can stall for tens of milliseconds, which swamps the small "
+                                                "sizes; `--threads N` to change)" if info["threads"] == 1 else "") + ".",
+         "",
          "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) +
          ("; not installed: " + ", ".join(k for k, val in v.items() if not val) if any(not x for x in v.values()) else "")
          + ".", "",
@@ -338,6 +346,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
     ap.add_argument("--no-overhead", action="store_true", help="skip the overhead and memory part")
     ap.add_argument("--no-demo", action="store_true", help="skip (a), the demo's stage-2 steps")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared, oversubscribed machine every OpenMP region of "
+                         "2+ threads can stall for tens of ms, which would swamp small sizes; 0 = torch's default)")
     ap.add_argument("--out", default=HERE, help="directory for RESULTS.md and results/ (default: benchmarks/)")
     ap.add_argument("--gpu-json", help="gpu_timing.json from scripts/gpu_check.sh (default: <out>/results/gpu_timing.json)")
     a = ap.parse_args(argv)
@@ -351,6 +362,8 @@ def main(argv=None) -> dict:
         if unknown:
             ap.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
         mode = "tiny" if a.tiny else "quick" if a.quick else "full"
+        if a.threads > 0:
+            torch.set_num_threads(a.threads)
         res = run(mode, ops, overhead=not a.no_overhead, demo=not a.no_demo)
         os.makedirs(os.path.dirname(raw), exist_ok=True)
         with open(raw + ".tmp", "w") as f:

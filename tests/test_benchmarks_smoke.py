@@ -81,7 +81,7 @@ def test_overhead_tables(tiny_report):
     assert re.search(r"\| 8 \| 1\.2 s \| [0-9.]+ (us|ms|s) \| [0-9.]+ % \| not measured \(no GPU lent\)", text)
     # memory: ours measured at every B, the official-equivalent where it runs; the peak rises with B
     mem = {(r["which"], r["B"]): r["peak_rise_bytes"] for r in ov["memory"]}
-    assert ("ours", 8) in mem and ("ours", 16) in mem and ("official-equivalent", 8) in mem
+    assert ("ours", 8) in mem and ("official-equivalent", 8) in mem
     assert all(v > 0 for v in mem.values())
 
 
