@@ -48,7 +48,7 @@ DESCRIPTION = {
              "(dense kNN, PyG GraphConv per problem, per-edge Python loop, scipy-LAP Frank-Wolfe per problem, "
              "blackbox re-solve), only up to the B its cost allows. Floor: the GraphConv GEMMs alone. N = B.",
 }
-BASELINE = {"qap_solve": {"scipy FAQ (KB instances)": "ours (KB instances)"}}
+BASELINE = {"qap_solve": {"scipy FAQ (KB instances)": "ours (KB instances)", "ours (KB instances)": "ours (KB instances)"}}
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -211,7 +211,7 @@ def plot_memory(rows: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
-def overhead_lines(ov: dict, gpu: dict | None) -> list[str]:
+def overhead_lines(ov: dict, gpu: dict | None, threads: int = 1) -> list[str]:
     from .overhead import OFFICIAL_STEP
 
     L = ["## The alignment's overhead in a training step", ""]
@@ -237,7 +237,7 @@ def overhead_lines(ov: dict, gpu: dict | None) -> list[str]:
           f"global batch of B samples thus takes about {per:.2f} x B s, and the comparison assumes the alignment "
           "of the whole batch runs serially inside that step (the conservative placement). The paper's own "
           f"figure for its alignment: 0.5 h of 7.0 h, a {100 * ov['official_align_share']:.1f} % longer stage 2.",
-          "", f"Alignment: default `MultiGraphAlignment({d_llava})` forward + backward, fp32, on this CPU, one thread (an upper "
+          "", f"Alignment: default `MultiGraphAlignment({d_llava})` forward + backward, fp32, on this CPU, {threads} torch thread(s) (an upper "
           "bound for a GPU); the H200 column (bf16) comes from `scripts/gpu_check.sh` when it has been run.", "",
           "| B | official step (estimate) | align fwd+bwd, this CPU | share (CPU) | align fwd+bwd, H200 bf16 | share (H200) |",
           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -316,7 +316,7 @@ def render(res: dict, out_dir: str, gpu: dict | None = None) -> str:
          "Times: median of interleaved repetitions, [20 %, 80 %] quantiles in brackets; (Nx) = that provider's "
          "time / ours (> 1: ours faster; for floors, < 1 is expected and 1/x is how far ours is from the floor).", ""]
     if "overhead" in res:
-        L += overhead_lines(res["overhead"], gpu)
+        L += overhead_lines(res["overhead"], gpu, info["threads"])
     L += gpu_lines(gpu)
     L += ["## Ops against their peers (CPU)", ""]
     for op in OPS:
