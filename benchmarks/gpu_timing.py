@@ -105,8 +105,8 @@ class Timer:
                 run()
                 times.append(time.perf_counter() - t)
         times.sort()
-        return {"median": statistics.median(times), "q20": times[int(0.2 * (len(times) - 1))],
-                "q80": times[int(0.8 * (len(times) - 1))], "n": len(times), "graph": used_graph}
+        return {"median": statistics.median(times), "q20": times[round(0.2 * (len(times) - 1))],
+                "q80": times[round(0.8 * (len(times) - 1))], "n": len(times), "graph": used_graph}
 
 
 class Runner:
