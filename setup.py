@@ -75,6 +75,14 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+def _requirements(name):
+    path = os.path.join(ROOT, name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith(("#", "-"))]
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -82,10 +90,19 @@ setup(
     version="0.1.0",
     description="Batched kNN-graph, GraphConv, linear-assignment and graph-matching kernels for ExGra-Med",
     packages=find_packages(include=["exgramed_kernels*", "exgramed_train*"]),
-    package_data={"exgramed_kernels": ["schemas.def"]},
+    package_data={
+        "exgramed_kernels": ["schemas.def"],
+        "exgramed_train": [
+            "README.md",
+            "assets/demo/*.json",
+            "assets/demo/tokenizer/*.json",
+            "assets/demo/images/*.png",
+            "assets/demo/images/*.dcm",
+        ],
+    },
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"]},
+    extras_require={"triton": ["triton"], "train": _requirements("requirements-train.txt")},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -110,8 +110,8 @@ inline QapMethod check_qap_args(const at::Tensor& U, const at::Tensor& nbr1, con
   TORCH_CHECK(m == "fw" || m == "sinkhorn", "qap_solve: method must be 'fw' or 'sinkhorn', got '", std::string(m),
               "'");
   const std::string_view est(estimator.data(), estimator.size());
-  TORCH_CHECK(est == "imle" || est == "blackbox", "qap_solve: estimator must be 'imle' or 'blackbox', got '",
-              std::string(est), "'");
+  TORCH_CHECK(est == "imle" || est == "blackbox" || est == "imle_symmetric",
+              "qap_solve: estimator must be 'imle', 'blackbox' or 'imle_symmetric', got '", std::string(est), "'");
   TORCH_CHECK(lambda > 0, "qap_solve: lambda_ must be > 0, got ", lambda);
   TORCH_CHECK(max_iter >= 1, "qap_solve: max_iter must be >= 1, got ", max_iter);
   TORCH_CHECK(tol >= 0, "qap_solve: tol must be >= 0, got ", tol);

@@ -65,7 +65,7 @@ def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_ite
     if method not in METHODS:
         raise RuntimeError(f"{p}method must be 'fw' or 'sinkhorn', got '{method}'")
     if estimator not in ESTIMATORS:
-        raise RuntimeError(f"{p}estimator must be 'imle' or 'blackbox', got '{estimator}'")
+        raise RuntimeError(f"{p}estimator must be 'imle', 'blackbox' or 'imle_symmetric', got '{estimator}'")
     if not lambda_ > 0:
         raise RuntimeError(f"{p}lambda_ must be > 0, got {lambda_}")
     if max_iter < 1:
@@ -213,7 +213,7 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
         partial: maximise over partial permutations (a node may stay unmatched at score 0, as
             LPMP): the oracle is the linear assignment of max(grad, 0) with non-positive pairs dropped.
         seed: the random starts' seed.
-        estimator, lambda_: used by the backward only (``"imle"`` or ``"blackbox"``, lambda_ > 0).
+        estimator, lambda_: used by the backward only (``"imle"``, ``"blackbox"`` or ``"imle_symmetric"``, lambda_ > 0).
 
     Returns:
         ``(Z, obj)``: Z ``[G, N, N]`` 0/1 in U's dtype (a permutation matrix, or a partial one), obj ``[G]``

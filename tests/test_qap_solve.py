@@ -377,7 +377,7 @@ def test_errors(device):
         (dict(Q=None, H1=H), "H1 and H2 must be given together"),
         (dict(Q=None, H1=H, H2=H[..., :2]), "same feature size"),
         (dict(method="lpmp"), "method must be 'fw' or 'sinkhorn'"),
-        (dict(estimator="sfe"), "estimator must be 'imle' or 'blackbox'"),
+        (dict(estimator="sfe"), "estimator must be 'imle', 'blackbox' or 'imle_symmetric'"),
         (dict(lambda_=0.0), "lambda_ must be > 0"),
         (dict(max_iter=0), "max_iter must be >= 1"),
         (dict(restarts=0), "restarts must be >= 1"),

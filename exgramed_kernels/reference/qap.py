@@ -28,7 +28,7 @@ import torch
 from .assignment import _lap_min
 
 METHODS = ("fw", "sinkhorn")
-ESTIMATORS = ("imle", "blackbox")
+ESTIMATORS = ("imle", "blackbox", "imle_symmetric")
 SINKHORN_INNER = 20  # Sinkhorn normalisation sweeps per temperature
 SINKHORN_T_RATIO = 1e-3  # final / initial temperature of the annealing
 POLISH_MAX_PASSES = 100
