@@ -469,7 +469,9 @@ def parse_args(argv=None):
     p.add_argument("--align-k", type=int, default=5)
     p.add_argument("--align-option", action="append", default=[], metavar="KEY=VALUE",
                    help="MultiGraphAlignment option for every alignment arm (JSON value), repeatable")
-    p.add_argument("--max-length", type=int, default=160)
+    from exgramed_train.demo import DEMO
+
+    p.add_argument("--max-length", type=int, default=DEMO["max_length"], help="tokens per sample (the demo's)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
