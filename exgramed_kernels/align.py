@@ -174,6 +174,48 @@ def _edge_cosines_scaled(h1, h2, nbr1, nbr2, scale: float, w1=None, w2=None) -> 
     return inner * w1.unsqueeze(2) * w2.unsqueeze(1)
 
 
+def node_features(graphs, weights, dropout_masks, k, metric, aggr, reverse, dtype):
+    """kNN graphs and the two GraphConv layers (ReLU, optional dropout masks) of ``align``.
+
+    graphs: ``[G, N, d]``; weights: ``(w_root1, w_rel1, bias1, w_root2, w_rel2, bias2)``;
+    dropout_masks: ``None`` or the two layers' masks ``[G, N, h]``. Returns ``(h [G, N, h], nbr)``.
+    Graphs are independent through both stages, so any subset gives those graphs' features.
+    """
+    w_root1, w_rel1, bias1, w_root2, w_rel2, bias2 = weights
+    nbr = torch.ops.exgramed.knn_graph(graphs.detach(), k, metric)
+    h = graphs
+    for layer, (w_root, w_rel, bias) in enumerate(((w_root1, w_rel1, bias1), (w_root2, w_rel2, bias2))):
+        h = torch.ops.exgramed.graph_conv(h, nbr, w_root.to(dtype), w_rel.to(dtype),
+                                          None if bias is None else bias.to(dtype), aggr, reverse, True)
+        if dropout_masks is not None:
+            h = h * dropout_masks[layer].to(dtype)
+    return h, nbr
+
+
+def problem_scores(h, nbr, src, dst, copy_structure):
+    """Noise-free scores of the problems graph ``src[p]`` -> graph ``dst[p]``:
+    unary ``cos(h1_i, h2_a) - 0.5`` ``[P, N, N]`` and quadratic ``0.5 (<e1, e2> - 0.5)`` ``[P, Nk, Nk]``,
+    with the problems' neighbour tables ``(U, Q, nbr1, nbr2)``."""
+    hn = F.normalize(h, dim=-1)
+    nbr1 = nbr[src]
+    nbr2 = nbr1 if copy_structure else nbr[dst]
+    U = torch.bmm(hn[src], hn[dst].transpose(1, 2)) - 0.5
+    # Edge lengths once per graph (each graph sits in several problems); with copied structure,
+    # graph 2's edges follow graph 1's table, so its lengths are per problem.
+    w = _inverse_edge_lengths(h, nbr)
+    w2 = _inverse_edge_lengths(h[dst], nbr2) if copy_structure else w[dst]
+    Q = _edge_cosines_scaled(h[src], h[dst], nbr1, nbr2, 0.5, w[src], w2) - 0.25
+    return U, Q, nbr1, nbr2
+
+
+def hamming_to_identity(Z, dtype):
+    """Per-problem Hamming loss against the identity T: ``sum(Z (1 - T) + (1 - Z) T) / N``
+    ``= (sum Z - 2 tr Z + N) / N``; Z ``[P, N, N]`` -> ``[P]``."""
+    N = Z.shape[-1]
+    Zf = Z.to(dtype)
+    return (Zf.sum((1, 2)) - 2 * Zf.diagonal(dim1=1, dim2=2).sum(1) + N) / N
+
+
 def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
                 dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.3, solver="fw", estimator="imle",
                 mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
@@ -186,27 +228,12 @@ def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=N
         x = x.to(dtype)
         K, N, _ = x.shape
         graphs = torch.cat([x, x.mean(0, keepdim=True)]) if mode == "barycenter" else x
-        nbr = torch.ops.exgramed.knn_graph(graphs.detach(), k, metric)
-        h = torch.ops.exgramed.graph_conv(graphs, nbr, w_root1.to(dtype), w_rel1.to(dtype),
-                                          None if bias1 is None else bias1.to(dtype), aggr, reverse, True)
-        if dropout_mask is not None:
-            h = h * dropout_mask[0].to(dtype)
-        h = torch.ops.exgramed.graph_conv(h, nbr, w_root2.to(dtype), w_rel2.to(dtype),
-                                          None if bias2 is None else bias2.to(dtype), aggr, reverse, True)
-        if dropout_mask is not None:
-            h = h * dropout_mask[1].to(dtype)
+        h, nbr = node_features(graphs, (w_root1, w_rel1, bias1, w_root2, w_rel2, bias2),
+                               None if dropout_mask is None else (dropout_mask[0], dropout_mask[1]),
+                               k, metric, aggr, reverse, dtype)
         src, dst = problem_graphs(K, mode)
         P = len(src)
-        hn = F.normalize(h, dim=-1)
-        nbr1 = nbr[src]
-        nbr2 = nbr1 if copy_structure else nbr[dst]
-        # Unary cos(h1_i, h2_a) - 0.5 and quadratic 0.5 (<e1, e2> - 0.5), noise added below.
-        U = torch.bmm(hn[src], hn[dst].transpose(1, 2)) - 0.5
-        # Edge lengths once per graph (each graph sits in several problems); with copied structure,
-        # graph 2's edges follow graph 1's table, so its lengths are per problem.
-        w = _inverse_edge_lengths(h, nbr)
-        w2 = _inverse_edge_lengths(h[dst], nbr2) if copy_structure else w[dst]
-        Q = _edge_cosines_scaled(h[src], h[dst], nbr1, nbr2, 0.5, w[src], w2) - 0.25
+        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, copy_structure)
         S = 1
         for noise in (unary_noise, quadratic_noise):
             if noise is not None:
@@ -222,9 +249,7 @@ def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=N
             nbr1, nbr2 = nbr1.repeat(S, 1, 1), nbr2.repeat(S, 1, 1)
         Z, _ = torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, solver, max_iter, tol, restarts,
                                             partial, seed, estimator, lambda_)
-        # Hamming loss against the identity T: sum(Z (1 - T) + (1 - Z) T) / N = (sum Z - 2 tr Z + N) / N.
-        Zf = Z.to(dtype)
-        loss = ((Zf.sum((1, 2)) - 2 * Zf.diagonal(dim1=1, dim2=2).sum(1) + N) / N).mean()
+        loss = hamming_to_identity(Z, dtype).mean()
     return loss, Z
 
 

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .align import _check_align_args, _edge_cosines_scaled, _inverse_edge_lengths, problem_graphs, sample_gumbel
+from .align import _check_align_args, hamming_to_identity, node_features, problem_graphs, problem_scores, sample_gumbel
 
 GRAPH_SCOPES = ("local", "global")
 
@@ -243,8 +243,7 @@ def _shard_loss(group, x, ws, unary_noise, quadratic_noise, dropout_mask, jobs, 
                 noise_scale, solver, estimator, mode, metric, aggr, reverse, copy_structure, partial, max_iter,
                 tol, restarts, seed, dtype):
     """``sum_{j in jobs} hamming_j / (S P)`` and the jobs' Z: ``align``'s pipeline on the needed graphs only."""
-    w_root1, w_rel1, bias1, w_root2, w_rel2, bias2 = ws
-    K, N, _ = x.shape
+    K = x.shape[0]
     s_of = [j // P for j in jobs]
     p_of = [j % P for j in jobs]
     needed = sorted({src[p] for p in p_of} | {dst[p] for p in p_of})
@@ -252,24 +251,12 @@ def _shard_loss(group, x, ws, unary_noise, quadratic_noise, dropout_mask, jobs, 
     # The graphs are independent through kNN and GraphConv: computing only the needed ones gives
     # the single-process features of those graphs.
     graphs = torch.stack([x.mean(0) if g == K else x[g] for g in needed])
-    nbr = torch.ops.exgramed.knn_graph(graphs.detach(), k, metric)
-    h = torch.ops.exgramed.graph_conv(graphs, nbr, w_root1, w_rel1, bias1, aggr, reverse, True)
-    if dropout_mask is not None:
-        h = h * dropout_mask[0, needed].to(dtype)
-    h = torch.ops.exgramed.graph_conv(h, nbr, w_root2, w_rel2, bias2, aggr, reverse, True)
-    if dropout_mask is not None:
-        h = h * dropout_mask[1, needed].to(dtype)
+    h, nbr = node_features(graphs, ws, None if dropout_mask is None else dropout_mask[:, needed],
+                           k, metric, aggr, reverse, dtype)
     # Unique (src, dst) pairs: with S > 1 samples a problem recurs with other noise.
     a = [slot[src[p]] for p in p_of]
     b = [slot[dst[p]] for p in p_of]
-    hn = F.normalize(h, dim=-1)
-    nbr1 = nbr[a]
-    nbr2 = nbr1 if copy_structure else nbr[b]
-    U = torch.bmm(hn[a], hn[b].transpose(1, 2)) - 0.5
-    # Edge lengths once per graph, as align does (graph 2 of a copied structure: per problem).
-    w = _inverse_edge_lengths(h, nbr)
-    w2 = _inverse_edge_lengths(h[b], nbr2) if copy_structure else w[b]
-    Q = _edge_cosines_scaled(h[a], h[b], nbr1, nbr2, 0.5, w[a], w2) - 0.25
+    U, Q, nbr1, nbr2 = problem_scores(h, nbr, a, b, copy_structure)
     if unary_noise is not None:
         sel = p_of if unary_noise.shape[1] == P else [0] * len(jobs)
         U = torch.add(U, unary_noise[s_of, sel].to(dtype), alpha=noise_scale)
@@ -281,9 +268,7 @@ def _shard_loss(group, x, ws, unary_noise, quadratic_noise, dropout_mask, jobs, 
     U, Q = _ScaleGrad.apply(U, world), _ScaleGrad.apply(Q, world)
     Z, _ = torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, solver, max_iter, tol, restarts, partial,
                                         seed, estimator, lambda_)
-    Zf = Z.to(dtype)
-    ham = (Zf.sum((1, 2)) - 2 * Zf.diagonal(dim1=1, dim2=2).sum(1) + N) / N
-    return ham.sum() / (S * P), Z
+    return hamming_to_identity(Z, dtype).sum() / (S * P), Z
 
 
 def global_forward(module, x: torch.Tensor):
