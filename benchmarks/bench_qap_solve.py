@@ -6,23 +6,11 @@ import pytest
 import torch
 
 import exgramed_kernels as ek
-from exgramed_kernels import reference
 from exgramed_kernels.testing import devices
 
+from .compare_qap_solve import G, features_instance
+
 DEVICES = devices("qap_solve")
-
-G, K = 12, 5
-
-
-def _instance(N, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    H1 = torch.randn(G, N, 32, generator=gen)
-    H2 = torch.empty_like(H1)
-    for g in range(G):
-        H2[g, torch.randperm(N, generator=gen)] = H1[g] + 0.5 * torch.randn(N, 32, generator=gen)
-    n1, n2 = ek.knn_graph(H1, K), ek.knn_graph(H2, K)
-    U = torch.nn.functional.normalize(H1, dim=-1) @ torch.nn.functional.normalize(H2, dim=-1).transpose(1, 2)
-    return U, n1, n2, H1, H2
 
 
 def _sync(fn):
@@ -50,8 +38,8 @@ def test_linear_assignment(benchmark, device, N):
 def test_qap_solve(benchmark, device, N, form, method):
     if method == "sinkhorn" and N > 64 and device == "cpu":
         pytest.skip("sinkhorn at N = 256 takes tens of seconds on this CPU")
-    U, n1, n2, H1, H2 = (t.to(device) for t in _instance(N))
-    kw = {"Q": reference.implicit_q(H1.double(), H2.double(), n1, n2).float()} if form == "dense" else {"H1": H1, "H2": H2}
+    U, n1, n2, Q, H1, H2 = (t.to(device) for t in features_instance(N, seed=0))
+    kw = {"Q": Q} if form == "dense" else {"H1": H1, "H2": H2}
     Z, _ = benchmark.pedantic(_sync(ek.qap_solve), args=(U, n1, n2), kwargs=dict(kw, method=method), rounds=3,
                               iterations=1)
     assert Z.shape == (G, N, N)
@@ -60,8 +48,7 @@ def test_qap_solve(benchmark, device, N, form, method):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("N", [64, 256])
 def test_qap_gradient(benchmark, device, N):
-    U, n1, n2, H1, H2 = (t.to(device) for t in _instance(N))
-    Q = reference.implicit_q(H1.double(), H2.double(), n1, n2).float()
+    U, n1, n2, Q, H1, H2 = (t.to(device) for t in features_instance(N, seed=0))
     X = torch.rand(G, 2, N, N, device=device)
     out = benchmark(_sync(ek.qap_gradient), X, n1, n2, Q)
     assert out.shape == X.shape
