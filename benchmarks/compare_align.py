@@ -117,16 +117,22 @@ class _BlackboxGM(torch.autograd.Function):
         return dU, dQ, None, None
 
 
+def _stage_clock(times):
+    """``lap(name)`` adds the seconds since the previous lap (or this call) to ``times[name]``."""
+    last = [time.perf_counter()]
+
+    def lap(name):
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    return lap
+
+
 def official_pipeline(x, convs, un, qn, times):
     """One forward+backward of the official-equivalent pipeline; stage times added to ``times``."""
     conv1, conv2 = convs
-    t = time.perf_counter()
-
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        times[name] = times.get(name, 0.0) + now - t
-        t = now
+    lap = _stage_clock(times)
 
     Kx, B, _ = x.shape
     bary = x.mean(0)
@@ -172,13 +178,7 @@ def official_pipeline(x, convs, un, qn, times):
 def ours_stages(m, x, times):
     """The op's stages run one by one (same calls as the composite), for the breakdown."""
     o = m.opts
-    t = time.perf_counter()
-
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        times[name] = times.get(name, 0.0) + now - t
-        t = now
+    lap = _stage_clock(times)
 
     Kx, B, _ = x.shape
     with torch.no_grad():
