@@ -174,6 +174,13 @@ def plot_op(op: str, sizes: dict, path: str, title: str) -> None:
     ax.set_xlabel("N (nodes per graph; B for align)")
     ax.set_ylabel("median time per call (s)")
     ax.set_title(title, fontsize=10)
+    _finish(fig, ax, path)
+
+
+def _finish(fig, ax, path: str) -> None:
+    """Grid, legend and layout, then an atomic write of the PNG."""
+    import matplotlib.pyplot as plt
+
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -202,13 +209,7 @@ def plot_memory(rows: list[dict], path: str) -> None:
     ax.set_xlabel("B")
     ax.set_ylabel("peak resident-set rise (MiB)")
     ax.set_title("align forward + backward: peak memory", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _finish(fig, ax, path)
 
 
 def overhead_lines(ov: dict, gpu: dict | None, threads: int = 1) -> list[str]:
