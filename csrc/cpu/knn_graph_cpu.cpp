@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "multiversion.h"
 #include "knn_graph.h"
 
 namespace exgramed {
@@ -32,11 +33,6 @@ inline int64_t insert_sorted(T* dist, int64_t* idx, int64_t n, int64_t cap, T d,
 
 // Exact fp64 distance of two rows. target_clones compiles an AVX2/FMA copy next to the
 // baseline one and picks at load time, so the fp64 loop vectorises where the CPU allows.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EXGRAMED_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define EXGRAMED_MULTIVERSION
-#endif
 
 // Eight independent partial sums let the fp64 reduction vectorise without -ffast-math
 // (a fixed order, so results stay deterministic).
