@@ -69,6 +69,26 @@ inline void check_nbr(const at::Tensor& nbr, const char* name, int64_t G, int64_
   }
 }
 
+// init: optional [G, N] int64 start per problem, a (partial) permutation: distinct columns in
+// [0, N), -1 (unmatched) allowed with partial only.
+inline void check_init(const c10::optional<at::Tensor>& init, const at::Tensor& U, bool partial) {
+  if (!init.has_value()) return;
+  const at::Tensor& t = *init;
+  const int64_t G = U.size(0), N = U.size(1);
+  TORCH_CHECK(t.scalar_type() == at::kLong, "qap_solve: init must be an int64 tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == G && t.size(1) == N, "qap_solve: init must have shape [G, N] = [", G,
+              ", ", N, "], got ", t.sizes());
+  TORCH_CHECK(t.device() == U.device(), "qap_solve: init and U must be on the same device, got ", t.device(),
+              " and ", U.device());
+  if (t.numel() == 0) return;
+  TORCH_CHECK(t.min().item<int64_t>() >= (partial ? -1 : 0) && t.max().item<int64_t>() < N,
+              "qap_solve: init entries must lie in [0, ", N, ")", partial ? " or be -1 (unmatched)" : "",
+              partial ? "" : " (-1 = unmatched needs partial=True)");
+  const at::Tensor counts = at::zeros({G, N + 1}, t.options()).scatter_add_(1, t + 1, at::ones_like(t));
+  TORCH_CHECK(counts.narrow(1, 1, N).max().item<int64_t>() <= 1,
+              "qap_solve: every row of init must be a (partial) permutation, but a column appears twice");
+}
+
 // Validates everything; returns the method.
 inline QapMethod check_qap_args(const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2,
                                 const c10::optional<at::Tensor>& Q, const c10::optional<at::Tensor>& H1,
@@ -198,7 +218,7 @@ inline at::Tensor implicit_q_dense(const at::Tensor& H1, const at::Tensor& H2, c
 // The checked, converted inputs of a solve: U in float64, Q dense in float32/float64 (from H
 // when given), R starts per problem (1 when there is no quadratic term).
 struct QapInputs {
-  at::Tensor Ud, Qt, n1, n2;
+  at::Tensor Ud, Qt, n1, n2, init;  // init: [G, N] int64 contiguous, or undefined
   int64_t G = 0, N = 0, k = 0, R = 1;
   bool has_q = false;
   QapMethod method = QapMethod::FW;
@@ -207,9 +227,12 @@ struct QapInputs {
 inline QapInputs prepare_qap(const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2,
                              const c10::optional<at::Tensor>& Q, const c10::optional<at::Tensor>& H1,
                              const c10::optional<at::Tensor>& H2, c10::string_view method, int64_t max_iter,
-                             double tol, int64_t restarts, c10::string_view estimator, double lambda) {
+                             double tol, int64_t restarts, c10::string_view estimator, double lambda,
+                             const c10::optional<at::Tensor>& init, bool partial) {
   QapInputs in;
   in.method = check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, estimator, lambda);
+  check_init(init, U, partial);
+  if (init.has_value()) in.init = init->contiguous();
   in.G = U.size(0);
   in.N = U.size(1);
   in.k = nbr1.size(2);

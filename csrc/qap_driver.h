@@ -50,7 +50,8 @@ inline at::Tensor perm_matrix(const at::Tensor& perm, int64_t N) {
 // permutation per problem [G, N] (-1 unmatched) and its objective [G] float64.
 inline std::tuple<at::Tensor, at::Tensor> qap_solve_driver(const at::Tensor& U, int64_t R, bool has_q,
                                                            QapMethod method, int64_t max_iter, double tol,
-                                                           bool partial, int64_t seed, QapHooks& h) {
+                                                           bool partial, int64_t seed, const at::Tensor& init,
+                                                           QapHooks& h) {
   const int64_t G = U.size(0), N = U.size(1);
   const auto dopt = U.options();
   auto vertex = [&](const at::Tensor& S, at::Tensor& v, bool warm) {
@@ -67,12 +68,15 @@ inline std::tuple<at::Tensor, at::Tensor> qap_solve_driver(const at::Tensor& U, 
   const int64_t B = G * R;
   const at::Tensor Ub = U.repeat_interleave(R, 0).contiguous();
   auto objective = [&](const at::Tensor& perm) { return dot_perm(Ub, perm) + h.quad_perm(perm); };
-  // Starts: r = 0 the barycenter, r = 1 the vertex LAP(U), r >= 2 midpoint of J/N and a random permutation.
+  // Starts: r = 0 the barycenter (or the init vertex), r = 1 the vertex LAP(U), r >= 2 midpoint of
+  // J/N and a random permutation.
   const at::Tensor r_of_b = at::arange(B, U.options().dtype(at::kLong)).remainder(R).view({B, 1, 1});
   at::Tensor vU = at::zeros({G, N}, dopt);
   const at::Tensor PU = perm_matrix(vertex(U, vU, false), N).repeat_interleave(R, 0);
   const at::Tensor Prand = perm_matrix(h.random_perms(seed), N);
-  at::Tensor X = at::where(r_of_b == 0, at::full({B, N, N}, 1.0 / N, dopt),
+  const at::Tensor X0 = init.defined() ? perm_matrix(init, N).repeat_interleave(R, 0)
+                                       : at::full({B, N, N}, 1.0 / N, dopt);
+  at::Tensor X = at::where(r_of_b == 0, X0,
                            at::where(r_of_b == 1, PU, 0.5 / N + 0.5 * Prand))
                      .contiguous();
   at::Tensor best_f = at::full({B}, -INFINITY, dopt);
@@ -86,6 +90,10 @@ inline std::tuple<at::Tensor, at::Tensor> qap_solve_driver(const at::Tensor& U, 
     best_perm = at::where(upd.unsqueeze(1), perm, best_perm);
   };
   if (method == QapMethod::FW) {
+    // A start at a vertex (r = 1, and r = 0 with init) is a candidate itself (first: wins ties).
+    const at::Tensor r_flat = r_of_b.view({B});
+    const at::Tensor vertex_start = init.defined() ? r_flat <= 1 : r_flat == 1;
+    keep_if_better(at::where(X.sum(2) > 0, X.argmax(2), at::full({B, N}, -1, best_perm.options())), vertex_start);
     for (int64_t it = 0; it < max_iter; ++it) {
       const at::Tensor gq = h.grad(X);
       const at::Tensor gf = Ub + gq;

@@ -23,7 +23,7 @@ def _shape(t):
 
 
 def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
-                   partial=False, seed=0, estimator="imle", lambda_=80.0, check_values=True) -> None:
+                   partial=False, seed=0, estimator="imle", lambda_=80.0, init=None, check_values=True) -> None:
     """The argument checks of the compiled kernels, for the fake and reference paths."""
     p = "qap_solve: "
     if U.dim() != 3 or U.shape[1] != U.shape[2]:
@@ -74,6 +74,21 @@ def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_ite
         raise RuntimeError(f"{p}tol must be >= 0, got {tol}")
     if restarts == 0 or restarts < -1:
         raise RuntimeError(f"{p}restarts must be >= 1 (or -1 for the size-based default), got {restarts}")
+    if init is not None:
+        if init.dtype != torch.long:
+            raise RuntimeError(f"{p}init must be an int64 tensor, got {init.dtype}")
+        if _shape(init) != (G, N):
+            raise RuntimeError(f"{p}init must have shape [G, N] = [{G}, {N}], got {_shape(init)}")
+        if init.device != U.device:
+            raise RuntimeError(f"{p}init and U must be on the same device, got {init.device} and {U.device}")
+    if check_values and init is not None and init.numel():
+        if int(init.min()) < (-1 if partial else 0) or int(init.max()) >= N:
+            extra = " or be -1 (unmatched)" if partial else " (-1 = unmatched needs partial=True)"
+            raise RuntimeError(f"{p}init entries must lie in [0, {N}){extra}")
+        counts = torch.zeros(G, N + 1, dtype=torch.long, device=init.device).scatter_add_(1, init + 1,
+                                                                                          torch.ones_like(init))
+        if int(counts[:, 1:].max()) > 1:
+            raise RuntimeError(f"{p}every row of init must be a (partial) permutation, but a column appears twice")
     if check_values:
         if nbr1.numel() and (int(nbr1.min()) < 0 or int(nbr1.max()) >= N):
             raise RuntimeError(f"{p}nbr1 entries must lie in [0, {N})")
@@ -86,31 +101,33 @@ def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_ite
 
 @torch.library.register_fake("exgramed::qap_solve")
 def _qap_solve_fake(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
-                    partial=False, seed=0, estimator="imle", lambda_=80.0):
+                    partial=False, seed=0, estimator="imle", lambda_=80.0, init=None):
     check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator, lambda_,
-                   check_values=False)
+                   init, check_values=False)
     return U.new_empty(U.shape), U.new_empty(U.shape[:1])
 
 
 @register_fallback("qap_solve")
 def _qap_solve_reference(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6,
-                         restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0):
-    check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator, lambda_)
-    return reference.qap_solve(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed)
+                         restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0, init=None):
+    check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator, lambda_,
+                   init)
+    return reference.qap_solve(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed,
+                               init=init)
 
 
 @torch.library.register_fake("exgramed::qap_solve_batched")
 def _qap_solve_batched_fake(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6,
-                            restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0):
+                            restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0, init=None):
     return _qap_solve_fake(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed, estimator,
-                           lambda_)
+                           lambda_, init)
 
 
 @register_fallback("qap_solve_batched")
 def _qap_solve_batched_reference(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6,
-                                 restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0):
+                                 restarts=-1, partial=False, seed=0, estimator="imle", lambda_=80.0, init=None):
     return _qap_solve_reference(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed,
-                                estimator, lambda_)
+                                estimator, lambda_, init)
 
 
 def check_gradient_args(X, nbr1, nbr2, Q, check_values=True) -> None:
@@ -184,7 +201,7 @@ def qap_objective(Z, U, nbr1, nbr2, Q=None, H1=None, H2=None) -> torch.Tensor:
 
 
 def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
-              partial=False, seed=0, estimator="imle", lambda_=80.0):
+              partial=False, seed=0, estimator="imle", lambda_=80.0, init=None):
     r"""Batched graph matching: maximise f(X) (module docstring) over permutation matrices.
 
     ``method="fw"``: Frank-Wolfe on the doubly-stochastic relaxation (FAQ): the linear oracle is
@@ -195,9 +212,10 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
     linear assignment. Every start's best vertex is then improved by 2-opt (swap the columns of
     two rows while f increases); the best over starts is returned (ties: the lowest start).
 
-    Starts: 0 the barycenter J/N; 1 the vertex LAP(U); r >= 2 the midpoint of J/N and a random
-    permutation drawn from a counter-based generator keyed by (seed, g, r): deterministic for
-    given inputs, independent of threading.
+    Starts: 0 the barycenter J/N (or the vertex ``init`` when given: a warm start); 1 the vertex
+    LAP(U); r >= 2 the midpoint of J/N and a random permutation drawn from a counter-based
+    generator keyed by (seed, g, r): deterministic for given inputs, independent of threading.
+    A start at a vertex begins with its O(N k^2) gradient instead of a dense pass over Q.
 
     Args:
         U: ``[G, N, N]`` unary scores, floating point, finite.
@@ -214,6 +232,9 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
             LPMP): the oracle is the linear assignment of max(grad, 0) with non-positive pairs dropped.
         seed: the random starts' seed.
         estimator, lambda_: used by the backward only (``"imle"``, ``"blackbox"`` or ``"imle_symmetric"``, lambda_ > 0).
+        init: optional int64 ``[G, N]`` start (the column of each row; distinct columns, -1 = unmatched
+            with ``partial`` only), replacing start 0: a warm start. With ``restarts=1`` the solve is a
+            local improvement of ``init`` (Frank-Wolfe from it, then 2-opt), never worse than ``init``.
 
     Returns:
         ``(Z, obj)``: Z ``[G, N, N]`` 0/1 in U's dtype (a permutation matrix, or a partial one), obj ``[G]``
@@ -228,4 +249,4 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
     Both backends are deterministic; they may return different (equally valid) answers.
     """
     return torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, partial, seed,
-                                        estimator, lambda_)
+                                        estimator, lambda_, init)

@@ -8,6 +8,7 @@ import torch
 
 import exgramed_kernels as ek
 from exgramed_kernels import reference
+from exgramed_kernels.estimators import matching_of
 from exgramed_kernels.testing import RTOL, devices, rel_err, triton_available
 
 DEVICES = devices("qap_solve")
@@ -495,3 +496,71 @@ def test_reference_fallback_without_extension():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- warm starts (init)
+
+
+def random_matching(G, N, gen, partial):
+    out = torch.stack([torch.randperm(N, generator=gen) for _ in range(G)])
+    if partial:  # leave a few rows unmatched
+        out[:, ::3] = -1
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("partial", [False, True])
+def test_init_warm_start(device, partial):
+    """init replaces start 0: the result is never worse than init, on every solver (kernel, batched
+    driver, reference), and a start at a good solution keeps it."""
+    for N, k, seed in ((6, 2, 0), (11, 3, 1), (24, 4, 2)):
+        gen = torch.Generator().manual_seed(seed)
+        U, n1, n2, Q = problem(3, N, k, gen)
+        init = random_matching(3, N, gen, partial)
+        Z_init = torch.zeros(3, N, N, dtype=torch.float64).scatter_(2, init.clamp_min(0).unsqueeze(2),
+                                                                    (init >= 0).double().unsqueeze(2))
+        f_init = reference.qap_objective(Z_init, U, n1, n2, Q)
+        d = lambda t: t.to(device)  # noqa: E731
+        for restarts in (1, 3):
+            Z, obj = ek.qap_solve(d(U), d(n1), d(n2), d(Q), restarts=restarts, partial=partial, init=d(init))
+            assert is_perm(Z.cpu(), partial)
+            assert bool((obj.cpu() >= f_init - 1e-9).all())
+            # The reference follows the same rules (its gradients are recomputed, not updated by
+            # linearity, so paths may part): never worse than init, and close in quality.
+            Zr, objr = reference.qap_solve(U, n1, n2, Q, restarts=restarts, partial=partial, init=init)
+            assert is_perm(Zr, partial) and bool((objr >= f_init - 1e-9).all())
+            assert float(((obj.cpu() - objr) / objr.abs().clamp_min(1)).min()) > -0.1
+            # The batched (CUDA) driver runs the same Frank-Wolfe: the same objective.
+            Zb, objb = torch.ops.exgramed.qap_solve_batched(U, n1, n2, Q, restarts=restarts, partial=partial,
+                                                            init=init)
+            if device == "cpu":
+                torch.testing.assert_close(objb, obj, rtol=1e-9, atol=1e-9)
+        # A start at the optimum stays there.
+        Zs, objs = ek.qap_solve(d(U), d(n1), d(n2), d(Q), restarts=4, partial=partial)
+        again, obj_again = ek.qap_solve(d(U), d(n1), d(n2), d(Q), restarts=1, partial=partial,
+                                        init=matching_of(Zs))
+        assert bool((obj_again >= objs - 1e-9).all())
+
+
+def test_init_errors():
+    gen = torch.Generator().manual_seed(3)
+    U, n1, n2, Q = problem(2, 5, 2, gen)
+    good = torch.stack([torch.randperm(5, generator=gen) for _ in range(2)])
+    dup = good.clone()
+    dup[0, 1] = dup[0, 0]
+    unmatched = good.clone()
+    unmatched[1, 2] = -1
+    cases = [
+        (good.int(), False, "init must be an int64"),
+        (good[:, :4], False, r"init must have shape \[G, N\]"),
+        (good + 1, False, r"init entries must lie in \[0, 5\)"),
+        (unmatched, False, "needs partial=True"),
+        (unmatched - 1, True, r"init entries must lie in \[0, 5\) or be -1"),
+        (dup, False, "a column appears twice"),
+    ]
+    for init, partial, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            ek.qap_solve(U, n1, n2, Q, partial=partial, init=init)
+    ek.qap_solve(U, n1, n2, Q, partial=True, init=unmatched)  # -1 is fine with partial
+    torch.library.opcheck(torch.ops.exgramed.qap_solve.default, (U.float(), n1, n2, Q.float()),
+                          {"restarts": 2, "init": good})

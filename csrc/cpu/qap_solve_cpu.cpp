@@ -192,13 +192,19 @@ void keep_if_better(const Problem<qt>& p, const int64_t* perm, double& best_f, i
 
 // Frank-Wolfe from w.X; the best vertex seen goes to w.best. f along X + t (P - X) is
 // f(X) + t <grad f(X), P - X> + t^2 q(P - X), q(P - X) = q(P) - <grad q(X), P> + q(X).
+// start_perm: w.X is this vertex (its gradient then costs O(N k^2) instead of a dense pass).
 template <typename qt>
-double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol) {
+double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol, const int64_t* start_perm) {
   const int64_t N = p.N, NN = N * N;
   double best_f = -std::numeric_limits<double>::infinity();
-  // grad q is linear: after the dense start, grad q(X + t (P - X)) = (1 - t) grad q(X) + t grad q(P),
+  // grad q is linear: after the start, grad q(X + t (P - X)) = (1 - t) grad q(X) + t grad q(P),
   // and grad q(P) of a vertex costs O(N k^2).
-  grad_q(p, w.X.data(), w.gq.data(), w.xg.data());
+  if (start_perm != nullptr) {
+    keep_if_better(p, start_perm, best_f, w.best.data());  // the start vertex is a candidate (first: wins ties)
+    grad_q_perm(p, start_perm, w.gq.data());
+  } else {
+    grad_q(p, w.X.data(), w.gq.data(), w.xg.data());
+  }
   for (int64_t it = 0; it < max_iter; ++it) {
     for (int64_t x = 0; x < NN; ++x) w.gf[x] = p.U[x] + w.gq[x];
     vertex_oracle(p, w.gf.data(), w, it > 0, w.P.data());
@@ -389,20 +395,28 @@ double polish(const Problem<qt>& p, Work& w) {
   return objective_perm(p, w.best.data());
 }
 
+// Start r: 0 the barycenter J/N (or the given init vertex), 1 the vertex LAP(U), r >= 2 the
+// midpoint of J/N and a random permutation.
 template <typename qt>
 void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, int64_t max_iter, double tol,
-                int64_t seed, Work& w, int64_t* out_perm, double* out_f) {
+                int64_t seed, const int64_t* init, Work& w, int64_t* out_perm, double* out_f) {
   const int64_t N = p.N, NN = N * N;
   if (p.Q == nullptr) {  // linear: the assignment of U is optimal
     vertex_oracle(p, p.U, w, false, out_perm);
     *out_f = objective_perm(p, out_perm);
     return;
   }
-  if (r == 1) {
-    vertex_oracle(p, p.U, w, false, w.P.data());
+  std::vector<int64_t> start;  // the start vertex, if the start is one
+  if (r == 1 || (r == 0 && init != nullptr)) {
+    start.resize(N);
+    if (r == 1) {
+      vertex_oracle(p, p.U, w, false, start.data());
+    } else {
+      std::copy(init, init + N, start.begin());
+    }
     std::fill(w.X.begin(), w.X.begin() + NN, 0.0);
     for (int64_t i = 0; i < N; ++i) {
-      if (w.P[i] >= 0) w.X[i * N + w.P[i]] = 1.0;
+      if (start[i] >= 0) w.X[i * N + start[i]] = 1.0;
     }
   } else {
     const double c = r == 0 ? 1.0 / N : 0.5 / N;
@@ -414,7 +428,7 @@ void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, in
     }
   }
   if (method == QapMethod::FW) {
-    frank_wolfe(p, w, max_iter, tol);
+    frank_wolfe(p, w, max_iter, tol, start.empty() ? nullptr : start.data());
   } else {
     // Starts also differ in the initial temperature (annealing forgets a hot start).
     graduated_assignment(p, w, max_iter, tol, std::pow(0.5, double(r % 6)));
@@ -444,10 +458,11 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::
                                                  const c10::optional<at::Tensor>& H1,
                                                  const c10::optional<at::Tensor>& H2, c10::string_view method_name,
                                                  int64_t max_iter, double tol, int64_t restarts, bool partial,
-                                                 int64_t seed, c10::string_view estimator, double lambda) {
+                                                 int64_t seed, c10::string_view estimator, double lambda,
+                                                 const c10::optional<at::Tensor>& init) {
   TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
-  const QapInputs in =
-      prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator, lambda);
+  const QapInputs in = prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator,
+                                   lambda, init, partial);
   const int64_t G = in.G, N = in.N, k = in.k, R = in.R;
   if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
   std::vector<int64_t> perms(G * R * N);
@@ -462,7 +477,9 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::
         const Problem<scalar_t> p = make_problem<scalar_t>(
             in.Ud.data_ptr<double>() + g * N * N, in.has_q ? qp + g * N * k * N * k : nullptr,
             in.n1.data_ptr<int64_t>() + g * N * k, in.n2.data_ptr<int64_t>() + g * N * k, N, k, partial, true);
-        solve_task(p, g, r, in.method, max_iter, tol, seed, w, perms.data() + task * N, fvals.data() + task);
+        const int64_t* init_g = in.init.defined() ? in.init.data_ptr<int64_t>() + g * N : nullptr;
+        solve_task(p, g, r, in.method, max_iter, tol, seed, init_g, w, perms.data() + task * N,
+                   fvals.data() + task);
       }
     });
   });
@@ -484,10 +501,10 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_batched_cpu(
     const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2, const c10::optional<at::Tensor>& Q,
     const c10::optional<at::Tensor>& H1, const c10::optional<at::Tensor>& H2, c10::string_view method_name,
     int64_t max_iter, double tol, int64_t restarts, bool partial, int64_t seed, c10::string_view estimator,
-    double lambda) {
+    double lambda, const c10::optional<at::Tensor>& init) {
   TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
-  const QapInputs in =
-      prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator, lambda);
+  const QapInputs in = prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator,
+                                   lambda, init, partial);
   const int64_t G = in.G, N = in.N, k = in.k, R = in.R, B = G * R;
   if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
   at::Tensor perm, obj;
@@ -554,7 +571,8 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_batched_cpu(
         }
       });
     };
-    std::tie(perm, obj) = qap_solve_driver(in.Ud, R, in.has_q, in.method, max_iter, tol, partial, seed, h);
+    std::tie(perm, obj) =
+        qap_solve_driver(in.Ud, R, in.has_q, in.method, max_iter, tol, partial, seed, in.init, h);
   });
   return {perm_to_z(perm, N, U.scalar_type()), obj.to(U.scalar_type())};
 }

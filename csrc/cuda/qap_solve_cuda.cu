@@ -267,10 +267,11 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cuda(const at::Tensor& U, const at:
                                                   const c10::optional<at::Tensor>& H1,
                                                   const c10::optional<at::Tensor>& H2, c10::string_view method_name,
                                                   int64_t max_iter, double tol, int64_t restarts, bool partial,
-                                                  int64_t seed, c10::string_view estimator, double lambda) {
+                                                  int64_t seed, c10::string_view estimator, double lambda,
+                                                  const c10::optional<at::Tensor>& init) {
   const c10::cuda::CUDAGuard guard(U.device());
-  const QapInputs in =
-      prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator, lambda);
+  const QapInputs in = prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator,
+                                   lambda, init, partial);
   const int64_t G = in.G, N = in.N, k = in.k, R = in.R, B = G * R;
   if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -307,7 +308,8 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cuda(const at::Tensor& U, const at:
           kPolishMaxPasses * M);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    std::tie(perm, obj) = qap_solve_driver(in.Ud, R, in.has_q, in.method, max_iter, tol, partial, seed, h);
+    std::tie(perm, obj) =
+        qap_solve_driver(in.Ud, R, in.has_q, in.method, max_iter, tol, partial, seed, in.init, h);
   });
   return {perm_to_z(perm, N, U.scalar_type()), obj.to(U.scalar_type())};
 }

@@ -159,7 +159,7 @@ def _extended_perm(P: torch.Tensor, partial: bool) -> list[int]:
 def _perm_matrix(perm: list[int], N: int) -> torch.Tensor:
     P = torch.zeros(N, N, dtype=torch.float64)
     for i in range(N):
-        if perm[i] < N:
+        if 0 <= perm[i] < N:  # -1 (unmatched) and dummies >= N leave the row empty
             P[i, perm[i]] = 1.0
     return P
 
@@ -189,8 +189,10 @@ def _polish(prob: _Problem, P: torch.Tensor) -> tuple[torch.Tensor, float]:
     return P, prob.f(P)
 
 
-def _frank_wolfe(prob: _Problem, X: torch.Tensor, max_iter: int, tol: float):
+def _frank_wolfe(prob: _Problem, X: torch.Tensor, max_iter: int, tol: float, vertex_start: bool = False):
     best_P, best_f = None, -math.inf
+    if vertex_start:  # a start at a vertex is a candidate itself (seen first: it wins ties)
+        best_P, best_f = X, prob.f(X)
     gq = prob.grad_q(X)
     for _ in range(max_iter):
         g = prob.U + gq
@@ -260,10 +262,10 @@ def _random_perm_matrix(N: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
-              partial=False, seed=0, estimator="imle", lambda_=80.0):
+              partial=False, seed=0, estimator="imle", lambda_=80.0, init=None):
     """Reference solver; same signature and result contract as ``torch.ops.exgramed.qap_solve``.
 
-    Starts: 0 the barycenter J/N, 1 the vertex LAP(U), r >= 2 the midpoint of J/N and a random
+    Starts: 0 the barycenter J/N (the vertex ``init[g]`` when given), 1 the vertex LAP(U), r >= 2 the midpoint of J/N and a random
     permutation drawn from a generator seeded by (seed, g, r). Returns (Z [G,N,N], obj [G]) in U's dtype.
     """
     G, N, _ = U.shape
@@ -285,7 +287,9 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
         else:
             best, best_f = None, -math.inf
             for r in range(R):
-                if r == 0:
+                if r == 0 and init is not None:
+                    X0 = _perm_matrix(init[g].tolist(), N)
+                elif r == 0:
                     X0 = torch.full((N, N), 1.0 / N, dtype=torch.float64)
                 elif r == 1:
                     X0 = prob.lap(prob.U)
@@ -293,7 +297,7 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
                     gen = torch.Generator().manual_seed((seed * 1_000_003 + g) * 1_009 + r)
                     X0 = 0.5 * (torch.full((N, N), 1.0 / N, dtype=torch.float64) + _random_perm_matrix(N, gen))
                 if method == "fw":
-                    P = _frank_wolfe(prob, X0, max_iter, tol)
+                    P = _frank_wolfe(prob, X0, max_iter, tol, vertex_start=r == 1 or (r == 0 and init is not None))
                 else:  # starts also differ in the initial temperature (annealing forgets a hot start)
                     P = _graduated_assignment(prob, X0, max_iter, tol, 0.5 ** (r % 6))
                 P, fP = _polish(prob, P)
