@@ -69,7 +69,7 @@ def _is_concrete(t: torch.Tensor) -> bool:
 
 
 def _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
-                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode):
+                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, noise_seed=None):
     if x.dim() != 3:
         raise RuntimeError(f"align: x must have shape [K, B, d] (3 dims), got {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
@@ -116,6 +116,12 @@ def _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_n
         S = t.shape[0]
         if S < 1:
             raise RuntimeError(f"align: {name} must hold at least one sample (S >= 1)")
+    if noise_seed is not None:
+        if quadratic_noise is not None:
+            raise RuntimeError("align: give either quadratic_noise or noise_seed, not both")
+        if noise_seed.dtype != torch.long or noise_seed.numel() != 1 or noise_seed.device.type != "cpu":
+            raise RuntimeError(f"align: noise_seed must be a CPU int64 tensor with one element, got {noise_seed.dtype} "
+                               f"{tuple(noise_seed.shape)} on {noise_seed.device}")
     if dropout_mask is not None and tuple(dropout_mask.shape) != (2, G, N, h):
         raise RuntimeError(f"align: dropout_mask must have shape [2, {G}, {N}, {h}], got {tuple(dropout_mask.shape)}")
     if _is_concrete(x):
@@ -137,41 +143,36 @@ def _edge_cosines(h1: torch.Tensor, h2: torch.Tensor, nbr1: torch.Tensor, nbr2: 
 
     Through the cross Gram ``C = h1 h2^T`` (one ``N x N x h`` GEMM per problem instead of the
     ``Nk x Nk x h`` one of the edge features): ``<h1_i - h1_j, h2_a - h2_b> = C_ia - C_ib - C_ja + C_jb``,
-    times the inverse edge lengths. The four-term sum cancels where edges are short next to |h|:
-    the absolute error is about ``4 eps |h|^2 / (|h1_i - h1_j| |h2_a - h2_b|)`` (fp32: ~1e-5 for edges
-    a tenth of |h| long), far below the noise the scores carry.
+    times the inverse edge lengths (``pair_scores``). The four-term sum cancels where edges are short
+    next to |h|: the absolute error is about ``4 eps |h|^2 / (|h1_i - h1_j| |h2_a - h2_b|)`` (fp32:
+    ~1e-5 for edges a tenth of |h| long), far below the noise the scores carry.
     """
-    return _edge_cosines_scaled(h1, h2, nbr1, nbr2, 1.0)
+    C = torch.bmm(h1, h2.transpose(1, 2))
+    w1 = _inverse_edge_lengths(_gram64(h1), nbr1).to(C.dtype)
+    w2 = _inverse_edge_lengths(_gram64(h2), nbr2).to(C.dtype)
+    return torch.ops.exgramed.pair_scores(C, w1, w2, nbr1, nbr2, 1.0, 0.0, None, 0.0, None)
 
 
-def _signed_incidence(nbr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``M[p, e, :]`` = +1 at the head i and -1 at the tail j of edge ``e = (i, nbr[p, i, s])``: ``[P, N k, N]``."""
-    P, N, k = nbr.shape
-    heads = torch.arange(N, device=nbr.device).repeat_interleave(k).view(1, N * k, 1).expand(P, N * k, 1)
-    M = torch.zeros(P, N * k, N, dtype=dtype, device=nbr.device).scatter_(2, heads, 1.0)
-    return M.scatter_add_(2, nbr.reshape(P, N * k, 1), torch.full((P, N * k, 1), -1.0, dtype=dtype, device=nbr.device))
+def _gram64(h: torch.Tensor) -> torch.Tensor:
+    """``h h^T`` in float64: ``[G, N, h] -> [G, N, N]`` (fp32 products are exact in fp64)."""
+    h64 = h.to(torch.float64)
+    return torch.bmm(h64, h64.transpose(1, 2))
 
 
-def _inverse_edge_lengths(h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
-    """``1 / max(|h_i - h_j|, 1e-12)`` per edge (F.normalize's convention): [G, N, h] -> [G, N k]."""
+def _inverse_edge_lengths(gram: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """``1 / max(|h_i - h_j|, 1e-12)`` per edge (F.normalize's convention) from the float64 Gram matrix,
+    ``|h_i - h_j|^2 = G_ii + G_jj - 2 G_ij``: ``[G, N, N], [G, N, k] -> [G, N k]`` float64.
+
+    No ``[G, N k, h]`` edge vectors: O(N k) gathers from the Gram matrix, whose float64 sums keep
+    the difference accurate to ~1e-13 |h|^2 (edges 1e-6 |h| long still have 1e-1 relative accuracy).
+    """
     G, N, k = nbr.shape
-    tails = torch.gather(h, 1, nbr.reshape(G, N * k, 1).expand(G, N * k, h.shape[-1]))
-    return (h.repeat_interleave(k, dim=1) - tails).norm(dim=-1).clamp_min(1e-12).reciprocal()
-
-
-def _edge_cosines_scaled(h1, h2, nbr1, nbr2, scale: float, w1=None, w2=None) -> torch.Tensor:
-    """``scale *`` :func:`_edge_cosines`; ``w1``, ``w2`` the inverse edge lengths if already known.
-
-    ``<h1_i - h1_j, h2_a - h2_b> = (M1 C M2^T)[e, f]`` with the signed incidence matrices M of the
-    edges: two small GEMMs (``Nk x N x N`` and ``Nk x N x Nk``) instead of gathers.
-    """
-    C = torch.bmm(h1, h2.transpose(1, 2))  # [P, N, N]
-    M1 = _signed_incidence(nbr1, C.dtype)
-    M2 = _signed_incidence(nbr2, C.dtype)
-    inner = torch.bmm(torch.bmm(M1, C), M2.transpose(1, 2))  # [P, Nk, Nk]
-    w1 = (_inverse_edge_lengths(h1, nbr1) if w1 is None else w1) * scale
-    w2 = _inverse_edge_lengths(h2, nbr2) if w2 is None else w2
-    return inner * w1.unsqueeze(2) * w2.unsqueeze(1)
+    diag = gram.diagonal(dim1=1, dim2=2)  # [G, N]
+    tails = nbr.reshape(G, N * k)
+    heads = torch.arange(N, device=nbr.device).repeat_interleave(k).expand(G, N * k)
+    cross = torch.gather(gram.reshape(G, N * N), 1, heads * N + tails)
+    d2 = torch.gather(diag, 1, heads) + torch.gather(diag, 1, tails) - 2 * cross
+    return d2.clamp_min(1e-24).rsqrt()
 
 
 def node_features(graphs, weights, dropout_masks, k, metric, aggr, reverse, dtype):
@@ -192,9 +193,11 @@ def node_features(graphs, weights, dropout_masks, k, metric, aggr, reverse, dtyp
     return h, nbr
 
 
-def problem_scores(h, nbr, src, dst, copy_structure):
-    """Noise-free scores of the problems graph ``src[p]`` -> graph ``dst[p]``:
-    unary ``cos(h1_i, h2_a) - 0.5`` ``[P, N, N]`` and quadratic ``0.5 (<e1, e2> - 0.5)`` ``[P, Nk, Nk]``,
+def problem_scores(h, nbr, src, dst, copy_structure, quadratic_noise=None, noise_scale=0.0, noise_seed=None):
+    """Scores of the problems graph ``src[p]`` -> graph ``dst[p]``:
+    unary ``cos(h1_i, h2_a) - 0.5`` ``[P, N, N]`` (noise-free) and quadratic
+    ``0.5 (<e1, e2> + s g' - 0.5)`` ``[P, Nk, Nk]`` (``pair_scores``; ``g'`` the given
+    ``quadratic_noise [P, Nk, Nk]``, or the in-kernel Gumbel sample of ``noise_seed``, or none),
     with the problems' neighbour tables ``(U, Q, nbr1, nbr2)``."""
     hn = F.normalize(h, dim=-1)
     nbr1 = nbr[src]
@@ -202,9 +205,12 @@ def problem_scores(h, nbr, src, dst, copy_structure):
     U = torch.bmm(hn[src], hn[dst].transpose(1, 2)) - 0.5
     # Edge lengths once per graph (each graph sits in several problems); with copied structure,
     # graph 2's edges follow graph 1's table, so its lengths are per problem.
-    w = _inverse_edge_lengths(h, nbr)
-    w2 = _inverse_edge_lengths(h[dst], nbr2) if copy_structure else w[dst]
-    Q = _edge_cosines_scaled(h[src], h[dst], nbr1, nbr2, 0.5, w[src], w2) - 0.25
+    gram = _gram64(h)
+    w = _inverse_edge_lengths(gram, nbr)
+    w2 = _inverse_edge_lengths(gram[dst], nbr2) if copy_structure else w[dst]
+    C = torch.bmm(h[src], h[dst].transpose(1, 2))
+    Q = torch.ops.exgramed.pair_scores(C, w[src].to(C.dtype), w2.to(C.dtype), nbr1, nbr2, 0.5, -0.25,
+                                       quadratic_noise, 0.5 * noise_scale, noise_seed)
     return U, Q, nbr1, nbr2
 
 
@@ -219,9 +225,9 @@ def hamming_to_identity(Z, dtype):
 def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
                 dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.3, solver="fw", estimator="imle",
                 mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
-                partial=False, max_iter=30, tol=1e-6, restarts=-1, seed=0):
+                partial=False, max_iter=30, tol=1e-6, restarts=1, seed=0, noise_seed=None):
     _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
-                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode)
+                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, noise_seed)
     # Scores and the solver in fp32 (fp64 stays fp64), whatever autocast would pick.
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
@@ -233,20 +239,19 @@ def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=N
                                k, metric, aggr, reverse, dtype)
         src, dst = problem_graphs(K, mode)
         P = len(src)
-        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, copy_structure)
         S = 1
         for noise in (unary_noise, quadratic_noise):
             if noise is not None:
                 S = noise.shape[0]
         Nk = N * k
-        if unary_noise is not None:
-            U = torch.add(U.unsqueeze(0), unary_noise.to(dtype), alpha=noise_scale)
+        # The S * P problems (sample s, problem p at row s * P + p), the quadratic noise in pair_scores.
+        qn = None
         if quadratic_noise is not None:
-            Q = torch.add(Q.unsqueeze(0), quadratic_noise.to(dtype), alpha=0.5 * noise_scale)
-        U = U.expand(S, P, N, N).reshape(S * P, N, N)
-        Q = Q.expand(S, P, Nk, Nk).reshape(S * P, Nk, Nk)
-        if S > 1:
-            nbr1, nbr2 = nbr1.repeat(S, 1, 1), nbr2.repeat(S, 1, 1)
+            qn = quadratic_noise.to(dtype).expand(S, P, Nk, Nk).reshape(S * P, Nk, Nk)
+        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src * S, dst * S, copy_structure, qn, noise_scale,
+                                          noise_seed if qn is None else None)
+        if unary_noise is not None:
+            U = torch.add(U, unary_noise.to(dtype).expand(S, P, N, N).reshape(S * P, N, N), alpha=noise_scale)
         Z, _ = torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, solver, max_iter, tol, restarts,
                                             partial, seed, estimator, lambda_)
         loss = hamming_to_identity(Z, dtype).mean()
@@ -262,8 +267,8 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
           dropout_mask: torch.Tensor | None = None, k: int = 5, lambda_: float = 80.0,
           noise_scale: float = 0.3, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
           metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
-          partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = -1,
-          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+          partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = 1,
+          seed: int = 0, noise_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Multi-graph alignment loss of K modality embeddings of the same B samples (ExGra-Med).
 
     Computation (``torch.ops.exgramed.align``; deterministic given its inputs and noise tensors):
@@ -277,7 +282,7 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
     4. problems ``src[p] -> dst[p]`` (:func:`problem_graphs`): all k -> barycenter and barycenter -> k
        (P = 2K), or all pairs in both directions (P = K(K-1));
        unary ``U_ia = cos(h1_i, h2_a) + s g_ia - 0.5``,
-       quadratic ``Q_ef = 0.5 (<e1_e, e2_f> + s g'_ef - 0.5)`` with ``e_ij = normalize(h_i - h_j)``
+       quadratic ``Q_ef = 0.5 (<e1_e, e2_f> + s g'_ef - 0.5)`` (``pair_scores``) with ``e_ij = normalize(h_i - h_j)``
        on the kNN edges of each graph (``copy_structure=True``: graph 2 uses graph 1's edge list),
        ``s = noise_scale``, ``g, g'`` the given standard Gumbel samples;
     5. ``Z = qap_solve(U, nbr1, nbr2, Q, ...)`` for the ``S * P`` problems in one batched call
@@ -291,9 +296,17 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
         unary_noise: ``[S, P, B, B]`` or ``[S, 1, B, B]`` (shared by the problems) standard Gumbel,
             or None (no unary noise). S samples are solved as S perturbed copies of each problem.
         quadratic_noise: ``[S, P, Bk, Bk]`` or ``[S, 1, Bk, Bk]``, or None.
+        noise_seed: instead of ``quadratic_noise``, a CPU int64 one-element tensor: the quadratic
+            noise is then the standard Gumbel sample generated inside ``pair_scores`` (counter-based,
+            keyed by (seed, problem row s * P + p, e, f)); the ``[S P, Bk, Bk]`` noise tensor is never
+            sampled or stored. What :class:`MultiGraphAlignment` uses (its seed drawn from torch's generator).
         dropout_mask: ``[2, G, B, h]`` multipliers after each layer (already scaled by 1/(1-p)), or None.
         k, metric: kNN degree and metric ("l2" or "cosine"). aggr: "max", "mean" or "sum".
-        solver, max_iter, tol, restarts, seed: passed to ``qap_solve`` (method = solver).
+        solver, max_iter, tol, restarts, seed: passed to ``qap_solve`` (method = solver). ``restarts``
+            defaults to 1 here (``qap_solve``'s -1 picks 2-32 by size): one Frank-Wolfe start from the
+            barycenter plus 2-opt, within 0.6-1 % of four starts' objective on align's problems at a
+            quarter to half of the time (benchmarks/results/align.md), and the same start the
+            official-equivalent's solver uses.
 
     Returns:
         ``(loss, Z)``: scalar loss (fp32, fp64 for fp64 x) and the matchings ``[S * P, B, B]``
@@ -302,7 +315,7 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
     return torch.ops.exgramed.align(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise,
                                     quadratic_noise, dropout_mask, k, lambda_, noise_scale, solver, estimator,
                                     mode, metric, aggr, reverse, copy_structure, partial, max_iter, tol,
-                                    restarts, seed)
+                                    restarts, seed, noise_seed)
 
 
 def sample_gumbel(shape, device=None, dtype=torch.float32, generator=None) -> torch.Tensor:
@@ -372,7 +385,7 @@ class MultiGraphAlignment(nn.Module):
     def __init__(self, dim: int, hidden: int | None = None, k: int = 5, *, official: bool = False,
                  noise_schedule: Callable[[int], float] | None = None, samples: int = 1,
                  mode: str = "barycenter", solver: str = "fw", max_iter: int = 30, tol: float = 1e-6,
-                 restarts: int = -1, aggr: str = "max", quadratic_noise: bool = True, bias: bool = True,
+                 restarts: int = 1, aggr: str = "max", quadratic_noise: bool = True, bias: bool = True,
                  graph_scope: str = "local", process_group=None, **options):
         super().__init__()
         from .distributed import check_graph_scope
@@ -434,11 +447,11 @@ class MultiGraphAlignment(nn.Module):
         src, dst = problem_graphs(K, self.mode)
         P, G, S = len(src), (K + 1 if self.mode == "barycenter" else K), self.samples
         dev = x.device
-        un = qn = dm = None
+        un = qn = dm = noise_seed = None
         if scale > 0:
             un = sample_gumbel((S, 1 if o["shared_noise"] else P, N, N), dev)
-            if self.quadratic_noise:
-                qn = sample_gumbel((S, P, N * self.k, N * self.k), dev)
+            if self.quadratic_noise:  # generated inside pair_scores from a seed of torch's generator
+                noise_seed = torch.randint(0, 2**62, (1,), dtype=torch.long)
         if self.training and o["dropout"] > 0:
             keep = 1.0 - o["dropout"]
             dm = torch.empty(2, G, N, self.hidden, device=dev).bernoulli_(keep) / keep
@@ -447,7 +460,7 @@ class MultiGraphAlignment(nn.Module):
         loss, Z = torch.ops.exgramed.align(
             x, self.w_root1, self.w_rel1, self.bias1, self.w_root2, self.w_rel2, self.bias2, un, qn, dm,
             self.k, o["lambda_"], scale, self.solver, o["estimator"], self.mode, o["metric"], self.aggr,
-            o["reverse"], o["copy_structure"], o["partial"], self.max_iter, self.tol, self.restarts, 0)
+            o["reverse"], o["copy_structure"], o["partial"], self.max_iter, self.tol, self.restarts, 0, noise_seed)
         with torch.no_grad():
             diag = Z.diagonal(dim1=1, dim2=2).to(torch.float32).mean(-1).reshape(S, P).mean(0)  # [P]
             member = torch.zeros(P, K, device=dev)

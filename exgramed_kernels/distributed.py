@@ -187,7 +187,7 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
                  dropout_mask: torch.Tensor | None = None, k: int = 5, lambda_: float = 80.0,
                  noise_scale: float = 0.5, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
                  metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
-                 partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = -1,
+                 partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = 1,
                  seed: int = 0, *, process_group=None, x_global: tuple[torch.Tensor, list[int]] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     r""":func:`exgramed_kernels.align` over the global batch of a process group, problems sharded.
@@ -295,8 +295,11 @@ def global_forward(module, x: torch.Tensor):
     un = qn = dm = None
     if scale > 0:
         un = sample_gumbel((S, 1 if o["shared_noise"] else P, N, N), dev, generator=gen)
-        if module.quadratic_noise:
-            qn = sample_gumbel((S, P, N * module.k, N * module.k), dev, generator=gen)
+        if module.quadratic_noise:  # the local path's in-kernel noise, for all S * P problems
+            from .pair_scores import seeded_gumbel
+
+            seed = torch.randint(0, 2**62, (1,), device=dev, generator=gen).cpu()
+            qn = seeded_gumbel(seed, S * P, N, module.k, dev).view(S, P, N * module.k, N * module.k)
     if module.training and o["dropout"] > 0:
         keep = 1.0 - o["dropout"]
         dm = torch.empty(2, G, N, module.hidden, device=dev).bernoulli_(keep, generator=gen) / keep

@@ -130,10 +130,17 @@ def test_module_matches_op_with_its_noise():
     torch.manual_seed(5)
     P = 2 * K
     un = sample_gumbel((1, P, B, B))
-    qn = sample_gumbel((1, P, B * KNN, B * KNN))
-    loss, Z = ek.align(x, m.w_root1, m.w_rel1, m.bias1, m.w_root2, m.w_rel2, m.bias2, un.double(), qn.double(),
-                       None, KNN, 80.0, m.current_noise_scale(), "fw", "imle", "barycenter", max_iter=20, restarts=2)
+    seed = torch.randint(0, 2**62, (1,))  # the in-kernel quadratic noise's seed, drawn after the unary noise
+    loss, Z = ek.align(x, m.w_root1, m.w_rel1, m.bias1, m.w_root2, m.w_rel2, m.bias2, un.double(), None,
+                       None, KNN, 80.0, m.current_noise_scale(), "fw", "imle", "barycenter", max_iter=20, restarts=2,
+                       noise_seed=seed)
     assert torch.equal(out.Z, Z) and out.loss == loss
+    # ... which is pair_scores' Gumbel sample of that seed, given as a tensor.
+    qn = R.gumbel_noise(int(seed), P, B * KNN).view(1, P, B * KNN, B * KNN)
+    loss2, Z2 = ek.align(x, m.w_root1, m.w_rel1, m.bias1, m.w_root2, m.w_rel2, m.bias2, un.double(), qn,
+                         None, KNN, 80.0, m.current_noise_scale(), "fw", "imle", "barycenter", max_iter=20,
+                         restarts=2)
+    assert torch.equal(Z2, Z) and torch.allclose(loss2, loss)
     # Per-modality accuracy: the diagonal fraction of problems k -> barycenter and barycenter -> k.
     diag = Z.diagonal(dim1=1, dim2=2).float().mean(-1)
     assert torch.allclose(out.accuracy, (diag[:K] + diag[K:]) / 2)

@@ -1,0 +1,141 @@
+// pair_scores, CPU: one task per (problem, row e); the row's noise is generated into a buffer
+// (vectorised hash + log), then the row is assembled from four gathers of C. The backward scans
+// the incoming gradient once per problem and skips its zeros: the estimators' gradient has at
+// most 2 N k non-zeros per problem, so the scan is the cost.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "multiversion.h"
+#include "pair_scores.h"
+
+namespace exgramed {
+namespace {
+
+EXGRAMED_MULTIVERSION void gumbel_row(float* out, int64_t n, uint32_t lo, uint32_t hi) {
+  for (int64_t f = 0; f < n; ++f) out[f] = gumbel_at(static_cast<uint32_t>(f), lo, hi);
+}
+
+at::Tensor pair_scores_cpu(const at::Tensor& C, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& nbr1,
+                           const at::Tensor& nbr2, double alpha, double beta, const c10::optional<at::Tensor>& noise,
+                           double noise_scale, const c10::optional<at::Tensor>& noise_seed) {
+  TORCH_CHECK(C.device().is_cpu(), "pair_scores: C must be a CPU tensor for the CPU kernel");
+  const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed, "pair_scores");
+  const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
+  at::Tensor out = at::empty({P, Nk, Nk}, C.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  const at::Tensor t1 = nbr1.contiguous(), t2 = nbr2.contiguous();
+  const at::Tensor nz = a.has_noise ? noise->to(C.scalar_type()).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "pair_scores_cpu", [&] {
+    const scalar_t* Cp = Cc.data_ptr<scalar_t>();
+    const scalar_t* w1p = w1c.data_ptr<scalar_t>();
+    const scalar_t* w2p = w2c.data_ptr<scalar_t>();
+    const int64_t* t1p = t1.data_ptr<int64_t>();
+    const int64_t* t2p = t2.data_ptr<int64_t>();
+    const scalar_t* np = a.has_noise ? nz.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t al = static_cast<scalar_t>(alpha), be = static_cast<scalar_t>(beta);
+    const scalar_t ns = static_cast<scalar_t>(noise_scale);
+    at::parallel_for(0, P * Nk, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<float> g(a.has_seed ? Nk : 0);
+      std::vector<scalar_t> D(N);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t p = r / Nk, e = r % Nk;
+        const scalar_t* Ci = Cp + (p * N + e / k) * N;
+        const scalar_t* Cj = Cp + (p * N + t1p[r]) * N;
+        const scalar_t we = al * w1p[r];
+        const scalar_t* w2r = w2p + p * Nk;
+        const int64_t* b_of = t2p + p * Nk;
+        scalar_t* row = op + r * Nk;
+        // (C_ia - C_ib) - (C_ja - C_jb) = D_a - D_b with D = C_i. - C_j. (one row difference per e)
+        for (int64_t x = 0; x < N; ++x) D[x] = Ci[x] - Cj[x];
+        for (int64_t ca = 0; ca < N; ++ca) {
+          const scalar_t da = D[ca];
+          for (int64_t t = 0; t < k; ++t) {
+            const int64_t f = ca * k + t;
+            row[f] = we * w2r[f] * (da - D[b_of[f]]) + be;
+          }
+        }
+        if (a.has_seed) {
+          uint32_t lo, hi;
+          noise_row_keys(a.seed, r, lo, hi);
+          gumbel_row(g.data(), Nk, lo, hi);
+          for (int64_t f = 0; f < Nk; ++f) row[f] += ns * static_cast<scalar_t>(g[f]);
+        } else if (np != nullptr) {
+          const scalar_t* nr = np + r * Nk;
+          for (int64_t f = 0; f < Nk; ++f) row[f] += ns * nr[f];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(const at::Tensor& grad, const at::Tensor& C,
+                                                                        const at::Tensor& w1, const at::Tensor& w2,
+                                                                        const at::Tensor& nbr1, const at::Tensor& nbr2,
+                                                                        double alpha) {
+  TORCH_CHECK(C.device().is_cpu(), "pair_scores_backward: C must be a CPU tensor for the CPU kernel");
+  const PairScoresArgs a = check_pair_scores_backward_args(grad, C, w1, w2, nbr1, nbr2);
+  const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
+  at::Tensor gC = at::zeros({P, N, N}, C.options().dtype(at::kDouble));
+  at::Tensor gw1 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
+  at::Tensor gw2 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
+  if (P * Nk == 0) return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
+  const at::Tensor g = grad.to(C.scalar_type()).contiguous();
+  const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  const at::Tensor t1 = nbr1.contiguous(), t2 = nbr2.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "pair_scores_backward_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* Cp = Cc.data_ptr<scalar_t>();
+    const scalar_t* w1p = w1c.data_ptr<scalar_t>();
+    const scalar_t* w2p = w2c.data_ptr<scalar_t>();
+    const int64_t* t1p = t1.data_ptr<int64_t>();
+    const int64_t* t2p = t2.data_ptr<int64_t>();
+    double* gCp = gC.data_ptr<double>();
+    double* gw1p = gw1.data_ptr<double>();
+    double* gw2p = gw2.data_ptr<double>();
+    // One task per problem: each accumulates into its own slices, in a fixed order (deterministic).
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* Cq = Cp + p * N * N;
+        double* gCq = gCp + p * N * N;
+        const scalar_t* w2r = w2p + p * Nk;
+        const int64_t* b_of = t2p + p * Nk;
+        for (int64_t e = 0; e < Nk; ++e) {
+          const int64_t r = p * Nk + e, i = e / k, j = t1p[r];
+          const scalar_t* grow = gp + r * Nk;
+          const double we = static_cast<double>(w1p[r]);
+          double acc_w1 = 0.0;
+          for (int64_t f = 0; f < Nk; ++f) {
+            const double gv = static_cast<double>(grow[f]);
+            if (gv == 0.0) continue;
+            const int64_t ca = f / k, cb = b_of[f];
+            const double d = static_cast<double>((Cq[i * N + ca] - Cq[i * N + cb]) - (Cq[j * N + ca] - Cq[j * N + cb]));
+            const double wf = static_cast<double>(w2r[f]);
+            acc_w1 += gv * wf * d;
+            gw2p[p * Nk + f] += alpha * gv * we * d;
+            const double gc = alpha * gv * we * wf;
+            gCq[i * N + ca] += gc;
+            gCq[i * N + cb] -= gc;
+            gCq[j * N + ca] -= gc;
+            gCq[j * N + cb] += gc;
+          }
+          gw1p[r] += alpha * acc_w1;
+        }
+      }
+    });
+  });
+  return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(exgramed, CPU, m) {
+  m.impl("pair_scores", &pair_scores_cpu);
+  m.impl("pair_scores_backward", &pair_scores_backward_cpu);
+}
+
+}  // namespace exgramed

@@ -1,0 +1,169 @@
+// pair_scores: the edge-pair (quadratic) scores of align in one pass, with the Gumbel noise
+// generated in the kernel. What the CPU and CUDA kernels share; the math is in
+// exgramed_kernels/reference/pair_scores.py.
+//
+//   Q[p, e, f] = alpha * w1[p, e] * w2[p, f] * (C_ia - C_ib - C_ja + C_jb) + beta + noise_scale * n[p, e, f]
+//
+// e = i*k + s, j = nbr1[p, i, s]; f = a*k + t, b = nbr2[p, a, t]; C = C[p] (N x N). n is the given
+// noise tensor, or (noise_seed given) a standard Gumbel sample from a counter-based generator keyed
+// by (seed, p, e, f): -log(-log(u)), u = (23 random bits, then a 1) / 2^24, in float32 on every backend.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "checks.h"
+#include "qap.h"  // splitmix64
+
+namespace exgramed {
+
+// 32-bit integer hash (lowbias32, Wellons): vectorisable on the CPU (32-bit multiplies).
+C10_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The two 32-bit keys of row r = p * Nk + e of the noise.
+C10_HOST_DEVICE inline void noise_row_keys(int64_t seed, int64_t row, uint32_t& lo, uint32_t& hi) {
+  uint64_t s = static_cast<uint64_t>(seed);
+  s = splitmix64(s) ^ (static_cast<uint64_t>(row) * 0xD1B54A32D192ED03ull);
+  const uint64_t z = splitmix64(s);
+  lo = static_cast<uint32_t>(z);
+  hi = static_cast<uint32_t>(z >> 32);
+}
+
+// Natural log of a positive normal float: exponent + an odd series in t = (m - 1) / (m + 1),
+// m in [sqrt(1/2), sqrt(2)) (|t| <= 0.172, truncation error < 4e-10). Branch-free, so it
+// vectorises; the same code runs on every backend.
+C10_HOST_DEVICE inline float log_positive(float x) {
+#ifdef __CUDA_ARCH__
+  int32_t bits = __float_as_int(x);
+#else
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+#endif
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  bits = (bits & 0x007fffff) | 0x3f800000;
+#ifdef __CUDA_ARCH__
+  float m = __int_as_float(bits);
+#else
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+#endif
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float t = (m - 1.0f) / (m + 1.0f), t2 = t * t;
+  const float series = t * (2.0f + t2 * (0.666666667f + t2 * (0.4f + t2 * (0.285714286f + t2 * 0.222222222f))));
+  return series + static_cast<float>(e) * 0.693147181f;
+}
+
+// The standard Gumbel sample of column f of a row with keys (lo, hi).
+C10_HOST_DEVICE inline float gumbel_at(uint32_t f, uint32_t lo, uint32_t hi) {
+  const uint32_t x = hash32(hash32(f ^ lo) ^ hi);
+  // An odd multiple of 2^-24 (exact in float32): u in [2^-24, 1 - 2^-24], never 0 or 1.
+  const float u = static_cast<float>((x >> 8) | 1u) * (1.0f / 16777216.0f);
+  return -log_positive(-log_positive(u));
+}
+
+struct PairScoresArgs {
+  int64_t P = 0, N = 0, k = 0, Nk = 0;
+  bool has_noise = false, has_seed = false;
+  int64_t seed = 0;
+};
+
+// Checks; returns the sizes. noise_seed: a CPU int64 scalar tensor (read here, on the host).
+inline PairScoresArgs check_pair_scores_args(const at::Tensor& C, const at::Tensor& w1, const at::Tensor& w2,
+                                             const at::Tensor& nbr1, const at::Tensor& nbr2,
+                                             const c10::optional<at::Tensor>& noise,
+                                             const c10::optional<at::Tensor>& noise_seed, const char* op) {
+  PairScoresArgs a;
+  TORCH_CHECK(C.dim() == 3 && C.size(1) == C.size(2), op, ": C must have shape [P, N, N], got ", C.sizes());
+  check_float(C, (std::string(op) + ": C").c_str());
+  a.P = C.size(0);
+  a.N = C.size(1);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(nbr1, "nbr1"), {nbr2, "nbr2"}}) {
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 3 && t.size(0) == a.P && t.size(1) == a.N, op, ": ", name,
+                " must be int64 [P, N, k] = [", a.P, ", ", a.N, ", k], got ", t.scalar_type(), " ", t.sizes());
+    check_same_device(t, name, C, "C");
+    if (t.numel() > 0) {
+      TORCH_CHECK(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < a.N, op, ": ", name,
+                  " entries must lie in [0, ", a.N, ")");
+    }
+  }
+  TORCH_CHECK(nbr1.size(2) == nbr2.size(2), op, ": nbr1 and nbr2 must have the same k, got ", nbr1.sizes(), " and ",
+              nbr2.sizes());
+  a.k = nbr1.size(2);
+  a.Nk = a.N * a.k;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(w1, "w1"), {w2, "w2"}}) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == a.P && t.size(1) == a.Nk, op, ": ", name, " must have shape [P, N*k] = [",
+                a.P, ", ", a.Nk, "], got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == C.scalar_type(), op, ": ", name, " must have C's dtype ", C.scalar_type(), ", got ",
+                t.scalar_type());
+    check_same_device(t, name, C, "C");
+  }
+  TORCH_CHECK(!(noise.has_value() && noise_seed.has_value()), op, ": give either noise or noise_seed, not both");
+  if (noise.has_value()) {
+    const at::Tensor& n = *noise;
+    TORCH_CHECK(n.dim() == 3 && n.size(0) == a.P && n.size(1) == a.Nk && n.size(2) == a.Nk, op,
+                ": noise must have shape [P, N*k, N*k] = [", a.P, ", ", a.Nk, ", ", a.Nk, "], got ", n.sizes());
+    check_float(n, (std::string(op) + ": noise").c_str());
+    check_same_device(n, "noise", C, "C");
+    a.has_noise = true;
+  }
+  if (noise_seed.has_value()) {
+    const at::Tensor& s = *noise_seed;
+    TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 1 && s.device().is_cpu(), op,
+                ": noise_seed must be a CPU int64 tensor with one element, got ", s.scalar_type(), " ", s.sizes(), " on ",
+                s.device());
+    a.has_seed = true;
+    a.seed = s.item<int64_t>();
+  }
+  TORCH_CHECK(a.Nk < (int64_t(1) << 31), op, ": N*k must be < 2^31, got ", a.Nk);
+  return a;
+}
+
+inline PairScoresArgs check_pair_scores_backward_args(const at::Tensor& grad, const at::Tensor& C, const at::Tensor& w1,
+                                                      const at::Tensor& w2, const at::Tensor& nbr1,
+                                                      const at::Tensor& nbr2) {
+  const PairScoresArgs a =
+      check_pair_scores_args(C, w1, w2, nbr1, nbr2, c10::nullopt, c10::nullopt, "pair_scores_backward");
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == a.P && grad.size(1) == a.Nk && grad.size(2) == a.Nk,
+              "pair_scores_backward: grad must have shape [P, N*k, N*k] = [", a.P, ", ", a.Nk, ", ", a.Nk, "], got ",
+              grad.sizes());
+  check_same_device(grad, "grad", C, "C");
+  return a;
+}
+
+// The backward on any device with ATen ops (the CUDA kernel uses it; the CPU has a fused one):
+// inner = M1 C M2^T through gathers, grad_C = M1^T (alpha grad w1 w2) M2 through batched GEMMs
+// with the signed incidence matrices (deterministic, no atomics).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_aten(
+    const at::Tensor& grad, const at::Tensor& C, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& nbr1,
+    const at::Tensor& nbr2, double alpha) {
+  const int64_t P = C.size(0), N = C.size(1), k = nbr1.size(2), Nk = N * k;
+  auto incidence = [&](const at::Tensor& nbr) {
+    const at::Tensor heads = at::arange(N, nbr.options()).repeat_interleave(k).view({1, Nk, 1}).expand({P, Nk, 1});
+    at::Tensor M = at::zeros({P, Nk, N}, C.options()).scatter_(2, heads, 1.0);
+    return M.scatter_add_(2, nbr.reshape({P, Nk, 1}), at::full({P, Nk, 1}, -1.0, C.options()));
+  };
+  const at::Tensor M1 = incidence(nbr1), M2 = incidence(nbr2);
+  const at::Tensor g = grad.to(C.scalar_type());
+  const at::Tensor inner = at::bmm(at::bmm(M1, C), M2.transpose(1, 2));  // [P, Nk, Nk]
+  const at::Tensor gi = g * alpha;
+  const at::Tensor grad_C =
+      at::bmm(at::bmm(M1.transpose(1, 2), gi * w1.unsqueeze(2) * w2.unsqueeze(1)), M2);  // [P, N, N]
+  const at::Tensor gin = gi * inner;
+  const at::Tensor grad_w1 = (gin * w2.unsqueeze(1)).sum(2);
+  const at::Tensor grad_w2 = (gin * w1.unsqueeze(2)).sum(1);
+  return {grad_C, grad_w1, grad_w2};
+}
+
+}  // namespace exgramed

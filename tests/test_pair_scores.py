@@ -1,0 +1,152 @@
+"""pair_scores: against the float64 reference (seeded and given noise, awkward shapes), the noise's
+distribution and determinism, the sparse-aware backward (gradcheck, the estimators' sparse gradient),
+errors, opcheck, and the edge lengths align feeds it."""
+import math
+
+import pytest
+import torch
+
+import exgramed_kernels as ek
+from exgramed_kernels import reference
+from exgramed_kernels.testing import RTOL, devices, rel_err
+
+DEVICES = devices("pair_scores")
+
+
+def inputs(P, N, k, gen, dtype=torch.float64, device="cpu"):
+    C = torch.randn(P, N, N, generator=gen, dtype=torch.float64)
+    w1 = torch.rand(P, N * k, generator=gen, dtype=torch.float64) + 0.1
+    w2 = torch.rand(P, N * k, generator=gen, dtype=torch.float64) + 0.1
+    n1 = torch.randint(0, N, (P, N, k), generator=gen)
+    n2 = torch.randint(0, N, (P, N, k), generator=gen)  # self loops and repeats included
+    return [t.to(device, dtype) for t in (C, w1, w2)] + [n1.to(device), n2.to(device)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("P, N, k", [(1, 1, 1), (3, 7, 2), (2, 13, 5), (4, 5, 4)])
+@pytest.mark.parametrize("noise", ["none", "tensor", "seed"])
+def test_matches_reference(device, dtype, P, N, k, noise):
+    gen = torch.Generator().manual_seed(P * 100 + N * 10 + k)
+    C, w1, w2, n1, n2 = inputs(P, N, k, gen, dtype, device)
+    kw = {}
+    if noise == "tensor":
+        kw = dict(noise=torch.randn(P, N * k, N * k, generator=gen, dtype=torch.float64).to(device, dtype))
+    elif noise == "seed":
+        kw = dict(noise_seed=torch.tensor([12345 + N]))
+    got = ek.pair_scores(C, w1, w2, n1, n2, 0.5, -0.25, noise_scale=0.7, **kw)
+    ref_kw = dict(kw)
+    if noise == "seed":
+        ref_kw["noise_seed"] = int(kw["noise_seed"])
+    want = reference.pair_scores(*(t.double().cpu() for t in (C, w1, w2)), n1.cpu(), n2.cpu(), 0.5, -0.25,
+                                 noise_scale=0.7, **{k_: (v.double().cpu() if torch.is_tensor(v) else v)
+                                                     for k_, v in ref_kw.items()})
+    assert got.dtype == dtype and got.shape == (P, N * k, N * k)
+    # The seeded noise is float32 on every backend: its own rounding sets the tolerance there.
+    tol = max(RTOL[dtype], 1e-6 if noise == "seed" else 0.0)
+    assert rel_err(got.cpu(), want) < tol
+
+
+def test_noise_is_standard_gumbel_and_keyed_by_seed_and_position():
+    seed = torch.tensor([7])
+    zeros = lambda P, N, k: (torch.zeros(P, N, N), torch.zeros(P, N * k), torch.zeros(P, N * k),  # noqa: E731
+                             torch.zeros(P, N, k, dtype=torch.long), torch.zeros(P, N, k, dtype=torch.long))
+    g = ek.pair_scores(*zeros(4, 64, 4), 0.0, 0.0, None, 1.0, seed).double().flatten()
+    # Gumbel(0, 1): mean = Euler's gamma, variance = pi^2 / 6; CDF exp(-exp(-x)) at a few points.
+    assert abs(float(g.mean()) - 0.5772157) < 0.01
+    assert abs(float(g.var()) - math.pi ** 2 / 6) < 0.03
+    for x in (-1.0, 0.0, 1.0, 3.0):
+        assert abs(float((g <= x).double().mean()) - math.exp(-math.exp(-x))) < 0.005
+    assert float(g.min()) > -2.83 and float(g.max()) < 16.7  # u never 0 or 1
+    again = ek.pair_scores(*zeros(4, 64, 4), 0.0, 0.0, None, 1.0, torch.tensor([7])).double().flatten()
+    assert torch.equal(g, again)
+    other = ek.pair_scores(*zeros(4, 64, 4), 0.0, 0.0, None, 1.0, torch.tensor([8])).double().flatten()
+    assert float((g - other).abs().mean()) > 0.5
+    # A row's noise depends on its problem and edge only: the first problems of a larger batch agree.
+    head = ek.pair_scores(*zeros(2, 64, 4), 0.0, 0.0, None, 1.0, seed).double().flatten()
+    assert torch.equal(head, g[: head.numel()])
+    # Neighbouring columns and rows are uncorrelated.
+    m = g.view(4 * 256, 256)
+    for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:])):
+        assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_gradcheck_and_reference(device):
+    gen = torch.Generator().manual_seed(3)
+    C, w1, w2, n1, n2 = inputs(2, 6, 3, gen, torch.float64, device)
+    nz = torch.randn(2, 18, 18, generator=gen, dtype=torch.float64).to(device)
+    ins = [t.clone().requires_grad_() for t in (C, w1, w2, nz)]
+    f = lambda C, w1, w2, nz: ek.pair_scores(C, w1, w2, n1, n2, 0.5, -0.25, nz, 0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(f, ins)
+    # Against autograd of the reference, with a sparse incoming gradient (what the estimators send).
+    g = torch.zeros(2, 18, 18, dtype=torch.float64, device=device)
+    g.view(-1)[torch.randperm(g.numel(), generator=gen)[:20].to(device)] = torch.randn(20, generator=gen,
+                                                                                       dtype=torch.float64).to(device)
+    got = torch.autograd.grad(f(*ins), ins, g)
+    ref_ins = [t.detach().cpu().clone().requires_grad_() for t in ins]
+    want = torch.autograd.grad(reference.pair_scores(*ref_ins[:3], n1.cpu(), n2.cpu(), 0.5, -0.25, ref_ins[3], 0.7),
+                               ref_ins, g.cpu())
+    for a, b in zip(got, want):
+        assert rel_err(a.cpu(), b) < 1e-12
+
+
+def test_backward_is_deterministic_and_skips_nothing():
+    gen = torch.Generator().manual_seed(4)
+    C, w1, w2, n1, n2 = inputs(3, 9, 2, gen, torch.float32)
+    g = torch.randn(3, 18, 18, generator=gen)
+    a = torch.ops.exgramed.pair_scores_backward(g, C, w1, w2, n1, n2, 0.5)
+    b = torch.ops.exgramed.pair_scores_backward(g, C, w1, w2, n1, n2, 0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    want = torch.ops.exgramed.pair_scores_backward(g.double(), C.double(), w1.double(), w2.double(), n1, n2, 0.5)
+    for x, y in zip(a, want):
+        assert rel_err(x, y) < 1e-5
+
+
+def test_errors():
+    gen = torch.Generator().manual_seed(5)
+    C, w1, w2, n1, n2 = inputs(2, 5, 2, gen, torch.float32)
+    cases = [
+        (dict(C=C[:, :4]), "C must have shape"),
+        (dict(C=C.long()), "floating-point"),
+        (dict(w1=w1[:, :3]), "w1 must have shape"),
+        (dict(w2=w2.double()), "w2 must have C's dtype"),
+        (dict(n1=n1 + 5), "nbr1 entries must lie in"),
+        (dict(n2=n2[..., :1]), "nbr1 and nbr2 must have the same k"),
+        (dict(n1=n1.int()), "nbr1 must be int64"),
+        (dict(noise=torch.zeros(2, 10, 9)), "noise must have shape"),
+        (dict(noise=torch.zeros(2, 10, 10), noise_seed=torch.tensor([1])), "either noise or noise_seed"),
+        (dict(noise_seed=torch.tensor([1, 2])), "noise_seed must be a CPU int64 tensor"),
+        (dict(noise_seed=torch.tensor([1.0])), "noise_seed must be a CPU int64 tensor"),
+    ]
+    for change, match in cases:
+        a = dict(C=C, w1=w1, w2=w2, n1=n1, n2=n2, noise=None, noise_seed=None)
+        a.update(change)
+        with pytest.raises(RuntimeError, match=match):
+            ek.pair_scores(a["C"], a["w1"], a["w2"], a["n1"], a["n2"], 1.0, 0.0, a["noise"], 1.0, a["noise_seed"])
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(6)
+    C, w1, w2, n1, n2 = inputs(2, 5, 2, gen, torch.float32)
+    nz = torch.randn(2, 10, 10, generator=gen)
+    for args in ((C, w1, w2, n1, n2, 0.5, -0.25, None, 0.3, torch.tensor([3])),
+                 (C.requires_grad_(), w1.requires_grad_(), w2, n1, n2, 0.5, -0.25, nz, 0.3, None)):
+        torch.library.opcheck(torch.ops.exgramed.pair_scores.default, args)
+    torch.library.opcheck(torch.ops.exgramed.pair_scores_backward.default,
+                          (torch.randn(2, 10, 10), C.detach(), w1.detach(), w2, n1, n2, 0.5))
+
+
+def test_gram_edge_lengths_match_direct():
+    from exgramed_kernels.align import _gram64, _inverse_edge_lengths
+
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(3, 11, 16, generator=gen) * 100  # large norms: the float64 Gram keeps short edges exact
+    h[0, 3] = h[0, 5] + 1e-3  # an edge 1e-5 |h| long
+    nbr = torch.randint(0, 11, (3, 11, 3), generator=gen)
+    nbr[0, 3, 0] = 5
+    want = 1.0 / (h.double().repeat_interleave(3, 1) - torch.gather(
+        h.double(), 1, nbr.reshape(3, 33, 1).expand(3, 33, 16))).norm(dim=-1).clamp_min(1e-12)
+    got = _inverse_edge_lengths(_gram64(h), nbr)
+    assert rel_err(got[want < 1e11], want[want < 1e11]) < 1e-6
+    assert abs(float(got[0, 9]) / float(want[0, 9]) - 1) < 1e-3  # the short edge
