@@ -12,6 +12,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -21,7 +22,7 @@ namespace exgramed {
 
 struct LapWorkspace {
   int64_t n = -1;
-  std::vector<double> u, v, spc;
+  std::vector<double> u, v, spc, cost;
   std::vector<int64_t> col4row, row4col, path, remaining, scanned_rows;
   std::vector<char> col_done;
 
@@ -38,20 +39,93 @@ struct LapWorkspace {
     scanned_rows.clear();
     scanned_rows.reserve(n);
     col_done.assign(n, 0);
+    cost.assign(n * n, 0.0);
   }
 };
 
+// Jonker-Volgenant's augmenting row reduction (two passes) on the free rows left by the greedy row
+// reduction: a free row takes its cheapest column, lowering that column's potential by the gap to
+// its second cheapest (so the displaced owner, no longer tight there, is free and retried). Keeps
+// every reduced cost >= 0 and assigned pairs tight; afterwards u is recomputed from v. Cheap per
+// row (one O(n) scan), it leaves few rows for the O(n^2) shortest-path augmentations.
+inline void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
+  double* v = ws.v.data();
+  std::vector<int64_t> free_rows;
+  for (int64_t i = 0; i < n; ++i) {
+    if (ws.col4row[i] < 0) free_rows.push_back(i);
+  }
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
+    std::vector<int64_t> next;
+    size_t k = 0;
+    int64_t budget = 4 * n;  // retries of displaced rows in place, at most (float ties can cycle)
+    while (k < free_rows.size()) {
+      const int64_t i = free_rows[k++];
+      const double* ci = c + i * n;
+      double u1 = inf, u2 = inf;
+      int64_t j1 = -1, j2 = -1;
+      for (int64_t j = 0; j < n; ++j) {
+        const double h = ci[j] - v[j];
+        if (h < u2) {
+          if (h < u1) {
+            u2 = u1;
+            j2 = j1;
+            u1 = h;
+            j1 = j;
+          } else {
+            u2 = h;
+            j2 = j;
+          }
+        }
+      }
+      int64_t i0 = ws.row4col[j1];
+      const bool gap = u1 < u2 && j2 >= 0;  // (n = 1 has no second column)
+      if (gap) {
+        v[j1] -= (u2 - u1);
+      } else if (i0 >= 0 && j2 >= 0) {
+        j1 = j2;
+        i0 = ws.row4col[j2];
+      }
+      ws.row4col[j1] = i;
+      ws.col4row[i] = j1;
+      if (i0 >= 0) {
+        ws.col4row[i0] = -1;
+        if (gap && budget-- > 0) {
+          free_rows[--k] = i0;  // retry the displaced row at once
+        } else {
+          next.push_back(i0);
+        }
+      }
+    }
+    free_rows.swap(next);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double* ci = c + i * n;
+    if (ws.col4row[i] >= 0) {
+      ws.u[i] = ci[ws.col4row[i]] - v[ws.col4row[i]];
+    } else {
+      double m = inf;
+      for (int64_t j = 0; j < n; ++j) m = std::min(m, ci[j] - v[j]);
+      ws.u[i] = m;
+    }
+  }
+}
+
 // score: n x n row-major. maximize: minimise -score. clamp_positive: use max(score, 0) (the
 // oracle over partial permutations; see qap.h). warm: keep ws.v from the previous call.
+// row_reduction: run Jonker-Volgenant's augmenting row reduction before the shortest paths
+// (faster; among equally good assignments it may pick another one than without it).
 // Result in ws.col4row.
 inline void lap_solve(const double* score, int64_t n, bool maximize, bool clamp_positive, LapWorkspace& ws,
-                      bool warm) {
+                      bool warm, bool row_reduction = false) {
   ws.resize(n);
   const double sign = maximize ? -1.0 : 1.0;
-  auto cost = [&](int64_t i, int64_t j) {
-    const double s = score[i * n + j];
-    return sign * (clamp_positive && s < 0 ? 0.0 : s);
-  };
+  double* cm = ws.cost.data();  // the cost matrix, once: the scans below read it many times
+  for (int64_t x = 0; x < n * n; ++x) {
+    const double s = score[x];
+    cm[x] = sign * (clamp_positive && s < 0 ? 0.0 : s);
+  }
+  auto cost = [cm, n](int64_t i, int64_t j) { return cm[i * n + j]; };
   if (!warm) std::fill(ws.v.begin(), ws.v.end(), 0.0);
   std::fill(ws.col4row.begin(), ws.col4row.end(), -1);
   std::fill(ws.row4col.begin(), ws.row4col.end(), -1);
@@ -74,6 +148,7 @@ inline void lap_solve(const double* score, int64_t n, bool maximize, bool clamp_
       ws.col4row[i] = bj;
     }
   }
+  if (row_reduction) augmenting_row_reduction(cm, n, ws);
   const double inf = std::numeric_limits<double>::infinity();
   for (int64_t cur = 0; cur < n; ++cur) {
     if (ws.col4row[cur] >= 0) continue;

@@ -174,7 +174,7 @@ struct Work {
 // matching by pairs of score >= 0 never lowers it).
 template <typename qt>
 void vertex_oracle(const Problem<qt>& p, const double* S, Work& w, bool warm, int64_t* perm) {
-  lap_solve(S, p.N, /*maximize=*/true, p.partial, w.lap, warm);
+  lap_solve(S, p.N, /*maximize=*/true, p.partial, w.lap, warm, /*row_reduction=*/true);
   for (int64_t i = 0; i < p.N; ++i) {
     const int64_t j = w.lap.col4row[i];
     perm[i] = (p.partial && !(S[i * p.N + j] > 0)) ? -1 : j;
