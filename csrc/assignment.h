@@ -58,7 +58,7 @@ inline void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& w
   for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
     std::vector<int64_t> next;
     size_t k = 0;
-    int64_t budget = 4 * n;  // retries of displaced rows in place, at most (float ties can cycle)
+    int64_t budget = n;  // retries of displaced rows in place, at most (float ties can cycle)
     while (k < free_rows.size()) {
       const int64_t i = free_rows[k++];
       const double* ci = c + i * n;
