@@ -31,6 +31,7 @@ OFFICIAL = dict(
     lambda_=80.0,
     estimator="blackbox",  # BB-GM's GraphMatchingModule
     dropout=0.1,
+    edge_floor=0.0,  # F.normalize(h_i - h_j)
 )
 
 # The noise scale is chosen by the learning experiment (benchmarks/results/align.md): with these
@@ -45,6 +46,7 @@ DEFAULTS = dict(
     lambda_=80.0,
     estimator="imle",
     dropout=0.0,
+    edge_floor=0.1,  # bounded gradients for nearly coincident node features (align's docstring)
 )
 
 
@@ -69,7 +71,8 @@ def _is_concrete(t: torch.Tensor) -> bool:
 
 
 def _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
-                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, noise_seed=None):
+                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, noise_seed=None,
+                      edge_floor=0.0):
     if x.dim() != 3:
         raise RuntimeError(f"align: x must have shape [K, B, d] (3 dims), got {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
@@ -116,6 +119,8 @@ def _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_n
         S = t.shape[0]
         if S < 1:
             raise RuntimeError(f"align: {name} must hold at least one sample (S >= 1)")
+    if not (edge_floor >= 0 and math.isfinite(edge_floor)):
+        raise RuntimeError(f"align: edge_floor must be a finite number >= 0, got {edge_floor}")
     if noise_seed is not None:
         if quadratic_noise is not None:
             raise RuntimeError("align: give either quadratic_noise or noise_seed, not both")
@@ -159,12 +164,17 @@ def _gram64(h: torch.Tensor) -> torch.Tensor:
     return torch.bmm(h64, h64.transpose(1, 2))
 
 
-def _inverse_edge_lengths(gram: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+def _inverse_edge_lengths(gram: torch.Tensor, nbr: torch.Tensor, edge_floor: float = 0.0) -> torch.Tensor:
     """``1 / max(|h_i - h_j|, 1e-12)`` per edge (F.normalize's convention) from the float64 Gram matrix,
     ``|h_i - h_j|^2 = G_ii + G_jj - 2 G_ij``: ``[G, N, N], [G, N, k] -> [G, N k]`` float64.
 
     No ``[G, N k, h]`` edge vectors: O(N k) gathers from the Gram matrix, whose float64 sums keep
     the difference accurate to ~1e-13 |h|^2 (edges 1e-6 |h| long still have 1e-1 relative accuracy).
+
+    ``edge_floor`` > 0: ``1 / sqrt(|h_i - h_j|^2 + (edge_floor * r)^2)`` with r the graph's RMS node
+    norm (no gradient through r). Edges much shorter than ``edge_floor * r`` then have edge features
+    shorter than 1 instead of unit directions amplified by ``1 / |h_i - h_j|``: the gradient through
+    the edge normalisation is bounded by ``1 / (edge_floor r)``, whatever the batch's spread.
     """
     G, N, k = nbr.shape
     diag = gram.diagonal(dim1=1, dim2=2)  # [G, N]
@@ -172,6 +182,8 @@ def _inverse_edge_lengths(gram: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor
     heads = torch.arange(N, device=nbr.device).repeat_interleave(k).expand(G, N * k)
     cross = torch.gather(gram.reshape(G, N * N), 1, heads * N + tails)
     d2 = torch.gather(diag, 1, heads) + torch.gather(diag, 1, tails) - 2 * cross
+    if edge_floor > 0:
+        return (d2.clamp_min(0) + edge_floor ** 2 * diag.detach().mean(1, keepdim=True)).clamp_min(1e-24).rsqrt()
     return d2.clamp_min(1e-24).rsqrt()
 
 
@@ -193,12 +205,13 @@ def node_features(graphs, weights, dropout_masks, k, metric, aggr, reverse, dtyp
     return h, nbr
 
 
-def problem_scores(h, nbr, src, dst, copy_structure, quadratic_noise=None, noise_scale=0.0, noise_seed=None):
+def problem_scores(h, nbr, src, dst, copy_structure, quadratic_noise=None, noise_scale=0.0, noise_seed=None,
+                   edge_floor=0.0):
     """Scores of the problems graph ``src[p]`` -> graph ``dst[p]``:
     unary ``cos(h1_i, h2_a) - 0.5`` ``[P, N, N]`` (noise-free) and quadratic
     ``0.5 (<e1, e2> + s g' - 0.5)`` ``[P, Nk, Nk]`` (``pair_scores``; ``g'`` the given
     ``quadratic_noise [P, Nk, Nk]``, or the in-kernel Gumbel sample of ``noise_seed``, or none),
-    with the problems' neighbour tables ``(U, Q, nbr1, nbr2)``."""
+    with the problems' neighbour tables ``(U, Q, nbr1, nbr2)``. ``edge_floor``: see :func:`_inverse_edge_lengths`."""
     hn = F.normalize(h, dim=-1)
     nbr1 = nbr[src]
     nbr2 = nbr1 if copy_structure else nbr[dst]
@@ -206,8 +219,8 @@ def problem_scores(h, nbr, src, dst, copy_structure, quadratic_noise=None, noise
     # Edge lengths once per graph (each graph sits in several problems); with copied structure,
     # graph 2's edges follow graph 1's table, so its lengths are per problem.
     gram = _gram64(h)
-    w = _inverse_edge_lengths(gram, nbr)
-    w2 = _inverse_edge_lengths(gram[dst], nbr2) if copy_structure else w[dst]
+    w = _inverse_edge_lengths(gram, nbr, edge_floor)
+    w2 = _inverse_edge_lengths(gram[dst], nbr2, edge_floor) if copy_structure else w[dst]
     C = torch.bmm(h[src], h[dst].transpose(1, 2))
     Q = torch.ops.exgramed.pair_scores(C, w[src].to(C.dtype), w2.to(C.dtype), nbr1, nbr2, 0.5, -0.25,
                                        quadratic_noise, 0.5 * noise_scale, noise_seed)
@@ -225,9 +238,9 @@ def hamming_to_identity(Z, dtype):
 def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
                 dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.3, solver="fw", estimator="imle",
                 mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
-                partial=False, max_iter=30, tol=1e-6, restarts=1, seed=0, noise_seed=None):
+                partial=False, max_iter=30, tol=1e-6, restarts=1, seed=0, noise_seed=None, edge_floor=0.1):
     _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
-                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, noise_seed)
+                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, noise_seed, edge_floor)
     # Scores and the solver in fp32 (fp64 stays fp64), whatever autocast would pick.
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
@@ -249,7 +262,7 @@ def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=N
         if quadratic_noise is not None:
             qn = quadratic_noise.to(dtype).expand(S, P, Nk, Nk).reshape(S * P, Nk, Nk)
         U, Q, nbr1, nbr2 = problem_scores(h, nbr, src * S, dst * S, copy_structure, qn, noise_scale,
-                                          noise_seed if qn is None else None)
+                                          noise_seed if qn is None else None, edge_floor)
         if unary_noise is not None:
             U = torch.add(U, unary_noise.to(dtype).expand(S, P, N, N).reshape(S * P, N, N), alpha=noise_scale)
         Z, _ = torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, solver, max_iter, tol, restarts,
@@ -268,7 +281,8 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
           noise_scale: float = 0.3, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
           metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
           partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = 1,
-          seed: int = 0, noise_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          seed: int = 0, noise_seed: torch.Tensor | None = None,
+          edge_floor: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Multi-graph alignment loss of K modality embeddings of the same B samples (ExGra-Med).
 
     Computation (``torch.ops.exgramed.align``; deterministic given its inputs and noise tensors):
@@ -302,6 +316,10 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
             sampled or stored. What :class:`MultiGraphAlignment` uses (its seed drawn from torch's generator).
         dropout_mask: ``[2, G, B, h]`` multipliers after each layer (already scaled by 1/(1-p)), or None.
         k, metric: kNN degree and metric ("l2" or "cosine"). aggr: "max", "mean" or "sum".
+        edge_floor: edge lengths are ``sqrt(|h_i - h_j|^2 + (edge_floor r)^2)`` with r the graph's RMS
+            node norm (0: F.normalize's, as the official code). The default 0.1 bounds the gradient
+            through the edge normalisation when a batch's node features nearly coincide (small,
+            untrained embeddings), leaving kNN edges of ordinary length (>= 0.3 r) within 6 %.
         solver, max_iter, tol, restarts, seed: passed to ``qap_solve`` (method = solver). ``restarts``
             defaults to 1 here (``qap_solve``'s -1 picks 2-32 by size): one Frank-Wolfe start from the
             barycenter plus 2-opt, within 0.6-1 % of four starts' objective on align's problems at a
@@ -315,7 +333,7 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
     return torch.ops.exgramed.align(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise,
                                     quadratic_noise, dropout_mask, k, lambda_, noise_scale, solver, estimator,
                                     mode, metric, aggr, reverse, copy_structure, partial, max_iter, tol,
-                                    restarts, seed, noise_seed)
+                                    restarts, seed, noise_seed, edge_floor)
 
 
 def sample_gumbel(shape, device=None, dtype=torch.float32, generator=None) -> torch.Tensor:
@@ -460,7 +478,8 @@ class MultiGraphAlignment(nn.Module):
         loss, Z = torch.ops.exgramed.align(
             x, self.w_root1, self.w_rel1, self.bias1, self.w_root2, self.w_rel2, self.bias2, un, qn, dm,
             self.k, o["lambda_"], scale, self.solver, o["estimator"], self.mode, o["metric"], self.aggr,
-            o["reverse"], o["copy_structure"], o["partial"], self.max_iter, self.tol, self.restarts, 0, noise_seed)
+            o["reverse"], o["copy_structure"], o["partial"], self.max_iter, self.tol, self.restarts, 0, noise_seed,
+            o["edge_floor"])
         with torch.no_grad():
             diag = Z.diagonal(dim1=1, dim2=2).to(torch.float32).mean(-1).reshape(S, P).mean(0)  # [P]
             member = torch.zeros(P, K, device=dev)

@@ -188,7 +188,8 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
                  noise_scale: float = 0.5, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
                  metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
                  partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = 1,
-                 seed: int = 0, *, process_group=None, x_global: tuple[torch.Tensor, list[int]] | None = None
+                 seed: int = 0, *, edge_floor: float = 0.1, process_group=None,
+                 x_global: tuple[torch.Tensor, list[int]] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     r""":func:`exgramed_kernels.align` over the global batch of a process group, problems sharded.
 
@@ -212,7 +213,7 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
     world, rank = _group_info(process_group)
     xg, sizes = gather_batch(x, process_group) if x_global is None else x_global
     _check_align_args(xg, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
-                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode)
+                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, None, edge_floor)
     K, N, _ = xg.shape
     src, dst = problem_graphs(K, mode)
     P = len(src)
@@ -228,7 +229,7 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
                                                  (w_root1, w_rel1, bias1, w_root2, w_rel2, bias2)],
                                   unary_noise, quadratic_noise, dropout_mask, jobs, S, P, src, dst, k, lambda_,
                                   noise_scale, solver, estimator, mode, metric, aggr, reverse, copy_structure,
-                                  partial, max_iter, tol, restarts, seed, dtype)
+                                  partial, max_iter, tol, restarts, seed, dtype, edge_floor)
         else:
             # No problem here (W > S P): a zero that still depends on x and the weights, so this
             # rank joins the gather's backward collective and DDP sees every parameter used.
@@ -241,7 +242,7 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
 
 def _shard_loss(group, x, ws, unary_noise, quadratic_noise, dropout_mask, jobs, S, P, src, dst, k, lambda_,
                 noise_scale, solver, estimator, mode, metric, aggr, reverse, copy_structure, partial, max_iter,
-                tol, restarts, seed, dtype):
+                tol, restarts, seed, dtype, edge_floor=0.0):
     """``sum_{j in jobs} hamming_j / (S P)`` and the jobs' Z: ``align``'s pipeline on the needed graphs only."""
     K = x.shape[0]
     s_of = [j // P for j in jobs]
@@ -256,7 +257,7 @@ def _shard_loss(group, x, ws, unary_noise, quadratic_noise, dropout_mask, jobs, 
     # Unique (src, dst) pairs: with S > 1 samples a problem recurs with other noise.
     a = [slot[src[p]] for p in p_of]
     b = [slot[dst[p]] for p in p_of]
-    U, Q, nbr1, nbr2 = problem_scores(h, nbr, a, b, copy_structure)
+    U, Q, nbr1, nbr2 = problem_scores(h, nbr, a, b, copy_structure, edge_floor=edge_floor)
     if unary_noise is not None:
         sel = p_of if unary_noise.shape[1] == P else [0] * len(jobs)
         U = torch.add(U, unary_noise[s_of, sel].to(dtype), alpha=noise_scale)
@@ -309,7 +310,7 @@ def global_forward(module, x: torch.Tensor):
         x, module.w_root1, module.w_rel1, module.bias1, module.w_root2, module.w_rel2, module.bias2, un, qn, dm,
         module.k, o["lambda_"], scale, module.solver, o["estimator"], module.mode, o["metric"], module.aggr,
         o["reverse"], o["copy_structure"], o["partial"], module.max_iter, module.tol, module.restarts, 0,
-        process_group=group, x_global=(xg, sizes))
+        edge_floor=o["edge_floor"], process_group=group, x_global=(xg, sizes))
     with torch.no_grad():
         # Every problem's diagonal fraction, filled by its rank and summed over ranks.
         diag = torch.zeros(S * P, dtype=torch.float32, device=dev)

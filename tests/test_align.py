@@ -326,3 +326,51 @@ def test_module_symmetric_estimator_end_to_end():
     assert torch.isfinite(grads["imle_symmetric"]).all()
     assert grads["imle_symmetric"].abs().sum() > 0
     assert not torch.equal(grads["imle"], grads["imle_symmetric"])
+
+
+@pytest.mark.parametrize("edge_floor", [0.0, 0.1, 0.5])
+def test_edge_floor_matches_reference(edge_floor):
+    x, ws, un, qn = make_inputs(seed=11)
+    opts = dict(k=KNN, lambda_=20.0, noise_scale=0.5, aggr="sum", edge_floor=edge_floor, **FAST)
+    loss, Z, grads = _grads(lambda x, *w: ek.align(x, *w, un, qn, None, **opts), x, ws)
+    rloss, rZ, rgrads = _grads(lambda x, *w: R.align(x, *w, un, qn, None, **opts), x, ws)
+    assert torch.equal(Z, rZ) and loss == rloss
+    for a, b in zip(grads, rgrads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_edge_floor_bounds_the_gradient_of_coincident_features():
+    """Node features that nearly coincide (a common vector plus a tiny spread): through F.normalize
+    the edge scores' gradient grows as 1 / spread; with the floor it stays of order 1 / (floor r)."""
+    from exgramed_kernels.align import problem_scores
+
+    g = torch.Generator().manual_seed(0)
+    G, N, h, k = 2, 12, 8, 3
+    common = torch.randn(h, generator=g, dtype=torch.float64)
+    noise = torch.randn(G, N, h, generator=g, dtype=torch.float64)
+    nbr = torch.stack([torch.stack([torch.randperm(N - 1, generator=g)[:k] for _ in range(N)]) for _ in range(G)])
+    nbr = nbr + (nbr >= torch.arange(N).view(1, N, 1)).long()  # no self loops
+    W = torch.randn(2, N * k, N * k, generator=g, dtype=torch.float64)
+
+    def grad_norm(spread, floor):
+        hh = (common + spread * noise).requires_grad_()
+        _, Q, _, _ = problem_scores(hh, nbr, [0, 1], [1, 0], False, edge_floor=floor)
+        return float(torch.autograd.grad((Q * W).sum(), hh)[0].norm())
+
+    free = [grad_norm(s, 0.0) for s in (1e-1, 1e-3)]
+    floored = [grad_norm(s, 0.1) for s in (1e-1, 1e-3)]
+    assert free[1] > 30 * free[0]  # ~1 / spread
+    assert floored[1] < 2 * floored[0] and floored[1] < free[1] / 30
+    # Ordinary edges (spread of the order of the norm) barely notice the floor.
+    assert abs(grad_norm(3.0, 0.1) / grad_norm(3.0, 0.0) - 1) < 0.2
+
+
+def test_edge_floor_and_noise_seed_errors():
+    x, ws, un, qn = make_inputs(seed=12)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="edge_floor must be a finite number >= 0"):
+            ek.align(x, *ws, un, None, None, k=KNN, edge_floor=bad)
+    with pytest.raises(RuntimeError, match="either quadratic_noise or noise_seed"):
+        ek.align(x, *ws, un, qn, None, k=KNN, noise_seed=torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="noise_seed must be a CPU int64 tensor"):
+        ek.align(x, *ws, un, None, None, k=KNN, noise_seed=torch.tensor([1.0]))

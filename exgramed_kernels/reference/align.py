@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .graph_conv import graph_conv as _graph_conv
 from .knn import knn_graph as _knn_graph
+from .pair_scores import gumbel_noise
 from .qap import qap_solve as _qap_solve
 
 
@@ -77,7 +78,7 @@ def align(
     x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
     dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.3, solver="fw", estimator="imle",
     mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
-    partial=False, max_iter=30, tol=1e-6, restarts=-1, seed=0,
+    partial=False, max_iter=30, tol=1e-6, restarts=1, seed=0, noise_seed=None, edge_floor=0.1,
 ):
     """Reference of ``torch.ops.exgramed.align`` (same arguments and results; see the op's docs)."""
     K, N, _ = x.shape
@@ -97,7 +98,11 @@ def align(
     def edges(hg, nb):  # normalize(h_i - h_j) for edge (i, nb[i, s]), row i * k + s
         P = hg.shape[0]
         tails = hg[torch.arange(P)[:, None, None], nb]  # [P, N, k, h]
-        return F.normalize(hg[:, :, None, :] - tails, dim=-1).reshape(P, N * k, -1)
+        diff = hg[:, :, None, :] - tails
+        if edge_floor > 0:  # length sqrt(|d|^2 + (edge_floor r)^2), r the graph's RMS node norm (detached)
+            r2 = hg.detach().pow(2).sum(-1).mean(1).view(P, 1, 1, 1)
+            return (diff / (diff.pow(2).sum(-1, keepdim=True) + edge_floor ** 2 * r2).sqrt()).reshape(P, N * k, -1)
+        return F.normalize(diff, dim=-1).reshape(P, N * k, -1)
 
     U = hn[src] @ hn[dst].transpose(1, 2) - 0.5
     Q = 0.5 * (edges(h[src], nbr1) @ edges(h[dst], nbr2).transpose(1, 2) - 0.5)
@@ -112,6 +117,9 @@ def align(
         U = U + noise_scale * unary_noise.expand(S, P, N, N)
     if quadratic_noise is not None:
         Q = Q + 0.5 * noise_scale * quadratic_noise.expand(S, P, N * k, N * k)
+    elif noise_seed is not None:  # pair_scores' in-kernel noise, rows s * P + p
+        g = gumbel_noise(int(noise_seed), S * P, N * k).to(Q.dtype).view(S, P, N * k, N * k)
+        Q = Q + 0.5 * noise_scale * g
     opts = {
         "lambda_": lambda_,
         "estimator": estimator,
