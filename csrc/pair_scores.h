@@ -39,24 +39,23 @@ C10_HOST_DEVICE inline void noise_row_keys(int64_t seed, int64_t row, uint32_t& 
   hi = static_cast<uint32_t>(z >> 32);
 }
 
+// Reinterpret the bits of a 32-bit value as the other type (float <-> int32), on every backend.
+template <typename To, typename From>
+C10_HOST_DEVICE inline To bit_cast32(From x) {
+  static_assert(sizeof(To) == 4 && sizeof(From) == 4, "bit_cast32: 32-bit types only");
+  To out;
+  memcpy(&out, &x, sizeof(out));
+  return out;
+}
+
 // Natural log of a positive normal float: exponent + an odd series in t = (m - 1) / (m + 1),
 // m in [sqrt(1/2), sqrt(2)) (|t| <= 0.172, truncation error < 4e-10). Branch-free, so it
 // vectorises; the same code runs on every backend.
 C10_HOST_DEVICE inline float log_positive(float x) {
-#ifdef __CUDA_ARCH__
-  int32_t bits = __float_as_int(x);
-#else
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-#endif
+  int32_t bits = bit_cast32<int32_t>(x);
   int32_t e = ((bits >> 23) & 0xff) - 127;
   bits = (bits & 0x007fffff) | 0x3f800000;
-#ifdef __CUDA_ARCH__
-  float m = __int_as_float(bits);
-#else
-  float m;
-  std::memcpy(&m, &bits, sizeof(m));
-#endif
+  float m = bit_cast32<float>(bits);
   const bool big = m > 1.41421356f;
   m = big ? 0.5f * m : m;
   e = big ? e + 1 : e;

@@ -49,17 +49,21 @@ def test_matches_reference_pipeline(mode, estimator, aggr):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_official_options_match_reference():
-    # L2 kNN, copied structure, reverse aggregation, partial matchings, shared unary noise, dropout.
-    x, ws, un, qn = make_inputs(seed=5, shared=True)
-    mask = (torch.rand(2, K + 1, B, H, generator=torch.Generator().manual_seed(9)) > 0.1).double() / 0.9
-    opts = dict(k=KNN, lambda_=80.0, noise_scale=0.05, estimator="blackbox", metric="l2", reverse=True,
-                copy_structure=True, partial=True, aggr="sum", **FAST)
+def assert_matches_reference(x, ws, un, qn, mask, **opts):
+    """Same Z and loss as the reference pipeline, and the same gradients (aggr="sum")."""
     loss, Z, grads = _grads(lambda x, *w: ek.align(x, *w, un, qn, mask, **opts), x, ws)
     rloss, rZ, rgrads = _grads(lambda x, *w: R.align(x, *w, un, qn, mask, **opts), x, ws)
     assert torch.equal(Z, rZ) and loss == rloss
     for a, b in zip(grads, rgrads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_official_options_match_reference():
+    # L2 kNN, copied structure, reverse aggregation, partial matchings, shared unary noise, dropout.
+    x, ws, un, qn = make_inputs(seed=5, shared=True)
+    mask = (torch.rand(2, K + 1, B, H, generator=torch.Generator().manual_seed(9)) > 0.1).double() / 0.9
+    assert_matches_reference(x, ws, un, qn, mask, k=KNN, lambda_=80.0, noise_scale=0.05, estimator="blackbox",
+                             metric="l2", reverse=True, copy_structure=True, partial=True, aggr="sum", **FAST)
 
 
 def test_samples_are_perturbed_copies():
@@ -331,12 +335,8 @@ def test_module_symmetric_estimator_end_to_end():
 @pytest.mark.parametrize("edge_floor", [0.0, 0.1, 0.5])
 def test_edge_floor_matches_reference(edge_floor):
     x, ws, un, qn = make_inputs(seed=11)
-    opts = dict(k=KNN, lambda_=20.0, noise_scale=0.5, aggr="sum", edge_floor=edge_floor, **FAST)
-    loss, Z, grads = _grads(lambda x, *w: ek.align(x, *w, un, qn, None, **opts), x, ws)
-    rloss, rZ, rgrads = _grads(lambda x, *w: R.align(x, *w, un, qn, None, **opts), x, ws)
-    assert torch.equal(Z, rZ) and loss == rloss
-    for a, b in zip(grads, rgrads):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert_matches_reference(x, ws, un, qn, None, k=KNN, lambda_=20.0, noise_scale=0.5, aggr="sum",
+                             edge_floor=edge_floor, **FAST)
 
 
 def test_edge_floor_bounds_the_gradient_of_coincident_features():
