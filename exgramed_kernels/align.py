@@ -238,7 +238,7 @@ def hamming_to_identity(Z, dtype):
 def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
                 dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.3, solver="fw", estimator="imle",
                 mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
-                partial=False, max_iter=30, tol=1e-4, restarts=1, seed=0, noise_seed=None, edge_floor=0.1):
+                partial=False, max_iter=30, tol=1e-6, restarts=1, seed=0, noise_seed=None, edge_floor=0.1):
     _check_align_args(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
                       dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, noise_seed, edge_floor)
     # Scores and the solver in fp32 (fp64 stays fp64), whatever autocast would pick.
@@ -280,7 +280,7 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
           dropout_mask: torch.Tensor | None = None, k: int = 5, lambda_: float = 80.0,
           noise_scale: float = 0.3, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
           metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
-          partial: bool = False, max_iter: int = 30, tol: float = 1e-4, restarts: int = 1,
+          partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = 1,
           seed: int = 0, noise_seed: torch.Tensor | None = None,
           edge_floor: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Multi-graph alignment loss of K modality embeddings of the same B samples (ExGra-Med).
@@ -324,8 +324,7 @@ def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: t
             defaults to 1 here (``qap_solve``'s -1 picks 2-32 by size): one Frank-Wolfe start from the
             barycenter plus 2-opt, within 0.6-1 % of four starts' objective on align's problems at a
             quarter to half of the time (benchmarks/results/align.md), and the same start the
-            official-equivalent's solver uses. ``tol`` defaults to 1e-4 (``qap_solve``: 1e-6): the same
-            matchings on align's problems, 10-25 % fewer Frank-Wolfe iterations at B = 64.
+            official-equivalent's solver uses.
 
     Returns:
         ``(loss, Z)``: scalar loss (fp32, fp64 for fp64 x) and the matchings ``[S * P, B, B]``
@@ -403,7 +402,7 @@ class MultiGraphAlignment(nn.Module):
 
     def __init__(self, dim: int, hidden: int | None = None, k: int = 5, *, official: bool = False,
                  noise_schedule: Callable[[int], float] | None = None, samples: int = 1,
-                 mode: str = "barycenter", solver: str = "fw", max_iter: int = 30, tol: float = 1e-4,
+                 mode: str = "barycenter", solver: str = "fw", max_iter: int = 30, tol: float = 1e-6,
                  restarts: int = 1, aggr: str = "max", quadratic_noise: bool = True, bias: bool = True,
                  graph_scope: str = "local", process_group=None, **options):
         super().__init__()
