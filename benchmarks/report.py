@@ -44,7 +44,8 @@ DESCRIPTION = {
                  "mean over the batch (> 1: the peer found better matchings).",
     "align": "Forward + backward of the whole alignment, K = 3 modalities, k = 5, h = d, official settings "
              "(`MultiGraphAlignment(d, official=True, dropout=0)`: L2 kNN, copied structure, partial matchings, "
-             "dense Q, FW + 2-opt, blackbox backward). Official-equivalent: `compare_align.official_pipeline` "
+             "edge-pair scores and their noise in `pair_scores`, one Frank-Wolfe start + 2-opt, blackbox "
+             "backward). Official-equivalent: `compare_align.official_pipeline` "
              "(dense kNN, PyG GraphConv per problem, per-edge Python loop, scipy-LAP Frank-Wolfe per problem, "
              "blackbox re-solve), only up to the B its cost allows. Floor: the GraphConv GEMMs alone. N = B.",
 }
