@@ -150,3 +150,24 @@ def test_gram_edge_lengths_match_direct():
     got = _inverse_edge_lengths(_gram64(h), nbr)
     assert rel_err(got[want < 1e11], want[want < 1e11]) < 1e-6
     assert abs(float(got[0, 9]) / float(want[0, 9]) - 1) < 1e-3  # the short edge
+
+
+def test_compile_fullgraph():
+    gen = torch.Generator().manual_seed(8)
+    C, w1, w2, n1, n2 = inputs(2, 6, 3, gen, torch.float32)
+    seed = torch.tensor([21])
+
+    @torch.compile(fullgraph=True)
+    def f(C, w1, w2):
+        Q = ek.pair_scores(C * 1.0, w1, w2, n1, n2, 0.5, -0.25, None, 0.3, seed)
+        return (Q * Q).sum()
+
+    Ci, w1i, w2i = (t.clone().requires_grad_() for t in (C, w1, w2))
+    got = f(Ci, w1i, w2i)
+    g_got = torch.autograd.grad(got, (Ci, w1i, w2i))
+    Ce, w1e, w2e = (t.clone().requires_grad_() for t in (C, w1, w2))
+    want = (ek.pair_scores(Ce, w1e, w2e, n1, n2, 0.5, -0.25, None, 0.3, seed) ** 2).sum()
+    g_want = torch.autograd.grad(want, (Ce, w1e, w2e))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
