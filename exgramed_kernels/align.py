@@ -212,16 +212,20 @@ def problem_scores(h, nbr, src, dst, copy_structure, quadratic_noise=None, noise
     ``0.5 (<e1, e2> + s g' - 0.5)`` ``[P, Nk, Nk]`` (``pair_scores``; ``g'`` the given
     ``quadratic_noise [P, Nk, Nk]``, or the in-kernel Gumbel sample of ``noise_seed``, or none),
     with the problems' neighbour tables ``(U, Q, nbr1, nbr2)``. ``edge_floor``: see :func:`_inverse_edge_lengths`."""
-    hn = F.normalize(h, dim=-1)
+    norms = h.norm(dim=-1)  # [G, N]
+    hn = h / norms.clamp_min(1e-12).unsqueeze(-1)  # F.normalize
     nbr1 = nbr[src]
     nbr2 = nbr1 if copy_structure else nbr[dst]
-    U = torch.bmm(hn[src], hn[dst].transpose(1, 2)) - 0.5
+    cos = torch.bmm(hn[src], hn[dst].transpose(1, 2))
+    U = cos - 0.5
     # Edge lengths once per graph (each graph sits in several problems); with copied structure,
     # graph 2's edges follow graph 1's table, so its lengths are per problem.
     gram = _gram64(h)
     w = _inverse_edge_lengths(gram, nbr, edge_floor)
     w2 = _inverse_edge_lengths(gram[dst], nbr2, edge_floor) if copy_structure else w[dst]
-    C = torch.bmm(h[src], h[dst].transpose(1, 2))
+    # The cross Gram h1 h2^T from the cosines and the norms: no second [P, N, N, h] GEMM (nor its
+    # two in the backward); the same float32 rounding class as the direct product.
+    C = cos * norms[src].unsqueeze(2) * norms[dst].unsqueeze(1)
     Q = torch.ops.exgramed.pair_scores(C, w[src].to(C.dtype), w2.to(C.dtype), nbr1, nbr2, 0.5, -0.25,
                                        quadratic_noise, 0.5 * noise_scale, noise_seed)
     return U, Q, nbr1, nbr2
