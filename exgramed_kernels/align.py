@@ -381,9 +381,10 @@ class MultiGraphAlignment(nn.Module):
         k: kNN degree (5).
         official: start from the official code's settings (:data:`OFFICIAL`: L2 kNN, graph 2 gets
             graph 1's edges, reverse-kNN aggregation, partial matchings, one unary noise sample
-            shared by all problems of a step, Gumbel scale 0.05, blackbox lambda 80, dropout 0.1)
-            instead of :data:`DEFAULTS` (cosine kNN, own edges, permutations, independent noise,
-            scale 0.3, IMLE lambda 80, no dropout). Any option below overrides either.
+            shared by all problems of a step, Gumbel scale 0.05, blackbox lambda 80, dropout 0.1,
+            plain edge normalisation) instead of :data:`DEFAULTS` (cosine kNN, own edges,
+            permutations, independent noise, scale 0.3, IMLE lambda 80, no dropout, edge-length
+            floor 0.1). Any option below overrides either.
         noise_scale: Gumbel scale s of the perturbations (the margin the matching must beat;
             see ``docs/align.md`` and benchmarks/results/align.md for the measurements behind 0.3).
         noise_schedule: optional ``step -> scale`` callable (``step``: training-mode calls so far,
@@ -392,7 +393,11 @@ class MultiGraphAlignment(nn.Module):
         lambda_, estimator ("imle", "blackbox", "imle_symmetric"), samples (S noise samples
             averaged), mode ("barycenter" or "pairwise"), solver ("fw", "sinkhorn"), max_iter,
             tol, restarts, metric, aggr, reverse, copy_structure, partial, shared_noise,
-            quadratic_noise (perturb Q as well; default True), dropout, bias.
+            quadratic_noise (perturb Q as well, with noise generated inside ``pair_scores`` from a
+            seed drawn from torch's generator; default True), dropout, bias, edge_floor (edge
+            lengths ``sqrt(|h_i - h_j|^2 + (edge_floor r)^2)``; bounds the gradient when node
+            features nearly coincide, see :func:`align`). restarts defaults to 1 (one
+            Frank-Wolfe start + 2-opt; -1: ``qap_solve``'s size-based starts).
         graph_scope: ``"local"`` (default, the official behaviour: graphs over this process's batch)
             or ``"global"``: graphs over the batch of all ranks of ``process_group`` (default: the
             whole world), problems sharded across ranks, gradients in DDP's convention
