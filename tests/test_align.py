@@ -216,6 +216,10 @@ def test_opcheck_align():
     args = (x, *ws, un, qn, None, KNN, 20.0, 0.5, "fw", "imle", "barycenter", "cosine", "max", False, False,
             False, 10, 1e-6, 1, 0)
     torch.library.opcheck(torch.ops.exgramed.align.default, args)
+    # the in-kernel quadratic noise (noise_seed) and the edge-length floor
+    args = (x, *ws, un, None, None, KNN, 20.0, 0.5, "fw", "imle", "barycenter", "cosine", "max", False, False,
+            False, 10, 1e-6, 1, 0, torch.tensor([7]), 0.2)
+    torch.library.opcheck(torch.ops.exgramed.align.default, args)
 
 
 def test_opcheck_qap_solve_autograd():
