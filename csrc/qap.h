@@ -215,6 +215,11 @@ inline at::Tensor implicit_q_dense(const at::Tensor& H1, const at::Tensor& H2, c
   return (Q * w1.unsqueeze(2) * w2.unsqueeze(1)).contiguous();
 }
 
+// Q as the solvers read it: float64 stays float64, every other dtype becomes float32; contiguous.
+inline at::Tensor solver_q_table(const at::Tensor& Q) {
+  return Q.scalar_type() == at::kDouble ? Q.contiguous() : Q.to(at::kFloat).contiguous();
+}
+
 // The checked, converted inputs of a solve: U in float64, Q dense in float32/float64 (from H
 // when given), R starts per problem (1 when there is no quadratic term).
 struct QapInputs {
@@ -241,7 +246,7 @@ inline QapInputs prepare_qap(const at::Tensor& U, const at::Tensor& nbr1, const 
   in.n2 = nbr2.contiguous();
   if (in.G == 0 || in.N == 0) return in;
   if (Q.has_value()) {
-    in.Qt = Q->scalar_type() == at::kDouble ? Q->contiguous() : Q->to(at::kFloat).contiguous();
+    in.Qt = solver_q_table(*Q);
   } else if (H1.has_value()) {
     const bool dbl = H1->scalar_type() == at::kDouble || H2->scalar_type() == at::kDouble;
     in.Qt = implicit_q_dense(*H1, *H2, in.n1, in.n2, dbl ? at::kDouble : at::kFloat);

@@ -594,7 +594,7 @@ at::Tensor qap_gradient_cpu(const at::Tensor& X, const at::Tensor& nbr1, const a
   at::Tensor out = at::zeros({G * R, N, N}, X.options().dtype(at::kDouble));
   if (G * R == 0 || N == 0 || k == 0) return out.view(X.sizes()).to(X.scalar_type());
   const at::Tensor Xd = X.to(at::kDouble).contiguous();
-  const at::Tensor Qt = Q.scalar_type() == at::kDouble ? Q.contiguous() : Q.to(at::kFloat).contiguous();
+  const at::Tensor Qt = solver_q_table(Q);
   const at::Tensor n1 = nbr1.contiguous(), n2 = nbr2.contiguous();
   AT_DISPATCH_FLOATING_TYPES(Qt.scalar_type(), "qap_gradient_cpu", [&] {
     at::parallel_for(0, G * R, 1, [&](int64_t t0, int64_t t1) {

@@ -24,8 +24,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// One problem's neighbour tables and in-edge lists (CSR).
+struct GraphView {
+  const int64_t *n1, *n2, *ptr1, *ptr2, *in1, *in2;
+};
+
 struct Graphs {
   const int64_t *n1, *n2, *ptr1, *in1, *ptr2, *in2;  // per problem offsets: g*N*k, g*(N+1), g*N*k
+  __device__ GraphView of(int64_t g, int64_t N, int64_t k) const {
+    const int64_t Nk = N * k;
+    return {n1 + g * Nk, n2 + g * Nk, ptr1 + g * (N + 1), ptr2 + g * (N + 1), in1 + g * Nk, in2 + g * Nk};
+  }
 };
 
 template <typename qt>
@@ -36,12 +45,7 @@ __global__ void grad_kernel(const double* __restrict__ X, const qt* __restrict__
   const int64_t b = idx / (N * N), x = (idx / N) % N, y = idx % N, g = b / R, Nk = N * k;
   const qt* Qg = Q + g * Nk * Nk;
   const double* Xb = X + b * N * N;
-  const int64_t* n1 = gr.n1 + g * Nk;
-  const int64_t* n2 = gr.n2 + g * Nk;
-  const int64_t* ptr1 = gr.ptr1 + g * (N + 1);
-  const int64_t* ptr2 = gr.ptr2 + g * (N + 1);
-  const int64_t* in1 = gr.in1 + g * Nk;
-  const int64_t* in2 = gr.in2 + g * Nk;
+  const auto [n1, n2, ptr1, ptr2, in1, in2] = gr.of(g, N, k);
   double acc = 0.0;
   for (int64_t s = 0; s < k; ++s) {
     const int64_t e = x * k + s, j = n1[e];
@@ -65,8 +69,8 @@ __global__ void quad_perm_kernel(const int64_t* __restrict__ perm, const qt* __r
                                  double* __restrict__ out, int64_t R, int64_t N, int64_t k) {
   const int64_t b = blockIdx.x, g = b / R, Nk = N * k;
   const qt* Qg = Q + g * Nk * Nk;
-  const int64_t* n1 = gr.n1 + g * Nk;
-  const int64_t* n2 = gr.n2 + g * Nk;
+  const GraphView v = gr.of(g, N, k);
+  const int64_t *n1 = v.n1, *n2 = v.n2;
   const int64_t* pb = perm + b * N;
   __shared__ double sh[kThreads];
   double acc = 0.0;
@@ -141,12 +145,7 @@ __global__ void polish_kernel(int64_t* __restrict__ perm, const double* __restri
   const int tid = threadIdx.x, nt = blockDim.x;
   const double* Ug = U + g * N * N;
   const qt* Qg = Q + g * Nk * Nk;
-  const int64_t* n1 = gr.n1 + g * Nk;
-  const int64_t* n2 = gr.n2 + g * Nk;
-  const int64_t* ptr1 = gr.ptr1 + g * (N + 1);
-  const int64_t* ptr2 = gr.ptr2 + g * (N + 1);
-  const int64_t* in1 = gr.in1 + g * Nk;
-  const int64_t* in2 = gr.in2 + g * Nk;
+  const auto [n1, n2, ptr1, ptr2, in1, in2] = gr.of(g, N, k);
   double* Gq = Gq_all + b * N * N;
   int64_t* ext = ext_all + b * 2 * N;
   int64_t* pb = perm + b * N;
@@ -322,7 +321,7 @@ at::Tensor qap_gradient_cuda(const at::Tensor& X, const at::Tensor& nbr1, const 
   const int64_t R = X.dim() == 4 ? X.size(1) : 1;
   if (G * R == 0 || N == 0 || k == 0) return at::zeros_like(X);
   const at::Tensor Xd = X.to(at::kDouble).reshape({G * R, N, N});
-  const at::Tensor Qt = Q.scalar_type() == at::kDouble ? Q.contiguous() : Q.to(at::kFloat).contiguous();
+  const at::Tensor Qt = solver_q_table(Q);
   const CudaGraphs gr = make_graphs(nbr1, nbr2);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(Qt.scalar_type(), "qap_gradient_cuda",
