@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import exgramed_kernels as ek  # noqa: E402
+from benchmarks.common import cpu_name  # noqa: E402
 
 
 def make_problem(G, N, k, d, seed=0):
@@ -126,12 +127,7 @@ def main():
             print(f"N={N:5d} d={d:5d}  ours {med['ours']*1e3:9.2f} ms  pyg {med['pyg']*1e3:9.2f} ms  "
                   f"floor {med['floor']*1e3:9.2f} ms  pyg/ours {med['pyg']/med['ours']:.2f}  ours/floor {med['ours']/med['floor']:.2f}",
                   flush=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     lines = [
         "# graph_conv: 2-layer GraphConv(aggr=\"max\"), forward + backward",
         "",
