@@ -23,7 +23,7 @@ namespace exgramed {
 struct LapWorkspace {
   int64_t n = -1;
   std::vector<double> u, v, spc, cost;
-  std::vector<int64_t> col4row, row4col, path, remaining, scanned_rows;
+  std::vector<int64_t> col4row, row4col, path, remaining, scanned_rows, free_rows, next_rows;
   std::vector<char> col_done;
 
   void resize(int64_t n_) {
@@ -50,13 +50,16 @@ struct LapWorkspace {
 // row (one O(n) scan), it leaves few rows for the O(n^2) shortest-path augmentations.
 inline void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
   double* v = ws.v.data();
-  std::vector<int64_t> free_rows;
+  // The workspace's lists: this runs once per Frank-Wolfe iteration, so no allocation per call.
+  std::vector<int64_t>& free_rows = ws.free_rows;
+  std::vector<int64_t>& next = ws.next_rows;
+  free_rows.clear();
   for (int64_t i = 0; i < n; ++i) {
     if (ws.col4row[i] < 0) free_rows.push_back(i);
   }
   const double inf = std::numeric_limits<double>::infinity();
   for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
-    std::vector<int64_t> next;
+    next.clear();
     size_t k = 0;
     int64_t budget = n;  // retries of displaced rows in place, at most (float ties can cycle)
     while (k < free_rows.size()) {
