@@ -1,0 +1,275 @@
+// Linear assignment on the CPU (assignment.h): the shortest-augmenting-path solver shared by the
+// linear_assignment kernel and the graph-matching solver's oracle.
+//
+// The scans are written as dense, branch-free passes over the n columns so that they vectorise
+// (EXGRAMED_MULTIVERSION: AVX-512 / AVX2 clones): a column's state is a number, not a list
+// membership -- dead[j] = +inf once column j has been reached by the current shortest-path search
+// (0 before), which both freezes its distance (r + inf never improves it) and drops it from the
+// minimum. Minima are taken in 8 independent lanes (each keeping its first index), then merged, so
+// every result -- minimum, first index, tie rule -- is exactly the one of a plain sequential scan.
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "assignment.h"
+#include "multiversion.h"
+
+namespace exgramed {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int kLanes = 8;
+// Four doubles (GCC/Clang vector extension): AVX2's width; two of them make the eight lanes.
+typedef double quad __attribute__((vector_size(4 * sizeof(double))));
+
+// The cost matrix c = sign * s, s = a (+ b) (max(s, 0) with clamp): formed once, the scans read it many times.
+EXGRAMED_MULTIVERSION void form_costs(const double* a, const double* b, int64_t nn, double sign, bool clamp,
+                                      double* out) {
+  if (b == nullptr) {
+    for (int64_t x = 0; x < nn; ++x) {
+      const double s = a[x];
+      out[x] = sign * (clamp && s < 0 ? 0.0 : s);
+    }
+  } else {
+    for (int64_t x = 0; x < nn; ++x) {
+      const double s = a[x] + b[x];
+      out[x] = sign * (clamp && s < 0 ? 0.0 : s);
+    }
+  }
+}
+
+// h = c - v (n entries).
+EXGRAMED_MULTIVERSION void reduced_row(const double* c, const double* v, int64_t n, double* h) {
+  for (int64_t j = 0; j < n; ++j) h[j] = c[j] - v[j];
+}
+
+// The minimum of x[0..n) and its first index (-1 and +inf if every entry is +inf): the minimum in
+// lanes, then a scan for its first occurrence, a block of lanes at a time.
+EXGRAMED_MULTIVERSION double min_first(const double* x, int64_t n, int64_t* arg) {
+  quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    quad x0, x1;
+    std::memcpy(&x0, x + j, sizeof(x0));
+    std::memcpy(&x1, x + j + 4, sizeof(x1));
+    m0 = x0 < m0 ? x0 : m0;
+    m1 = x1 < m1 ? x1 : m1;
+  }
+  double best = kInf;
+  for (; j < n; ++j) best = x[j] < best ? x[j] : best;
+  for (int l = 0; l < 4; ++l) best = std::min({best, m0[l], m1[l]});
+  *arg = -1;
+  if (!(best < kInf)) return best;
+  for (j = 0; j + kLanes <= n; j += kLanes) {
+    int hit = 0;
+    for (int l = 0; l < kLanes; ++l) hit |= x[j + l] == best;
+    if (hit) break;
+  }
+  for (; j < n; ++j) {
+    if (x[j] == best) {
+      *arg = j;
+      break;
+    }
+  }
+  return best;
+}
+
+// One step of the shortest-path search from row i (base = the distance to i minus u_i): relax every
+// live column, spc[j] = min(spc[j], base + c_ij - v_j) (path[j] = i where it improves), and return the
+// live column of least distance -- ties to a free column (row4col < 0), then to the lowest index --
+// with that distance in *lowest; -1 if no live column is reachable.
+EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, const double* dead,
+                                             const int64_t* row4col, double base, int64_t i, int64_t n, double* spc,
+                                             int64_t* path, double* lowest) {
+  double m[kLanes];
+  for (int l = 0; l < kLanes; ++l) m[l] = kInf;
+  int64_t j = 0;
+  auto step = [&](int64_t jj, double& lane_min) {
+    const double r = (base + ci[jj] - v[jj]) + dead[jj];  // + 0 exact for live columns; +inf for dead ones
+    const bool lt = r < spc[jj];
+    spc[jj] = lt ? r : spc[jj];
+    path[jj] = lt ? i : path[jj];
+    const double key = spc[jj] + dead[jj];
+    lane_min = key < lane_min ? key : lane_min;
+  };
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) step(j + l, m[l]);
+  }
+  double best = kInf;
+  for (; j < n; ++j) step(j, best);
+  for (int l = 0; l < kLanes; ++l) best = m[l] < best ? m[l] : best;
+  *lowest = best;
+  if (!(best < kInf)) return -1;
+  // The live columns at distance best, a block of eight at a time (usually one in all).
+  const quad bq = {best, best, best, best}, zq = {0.0, 0.0, 0.0, 0.0};
+  int64_t first = -1;
+  auto visit = [&](int64_t jj) {
+    if (spc[jj] == best && dead[jj] == 0.0) {
+      if (row4col[jj] < 0) return true;
+      if (first < 0) first = jj;
+    }
+    return false;
+  };
+  for (j = 0; j + kLanes <= n; j += kLanes) {
+    quad s0, s1, d0, d1;
+    std::memcpy(&s0, spc + j, sizeof(s0));
+    std::memcpy(&s1, spc + j + 4, sizeof(s1));
+    std::memcpy(&d0, dead + j, sizeof(d0));
+    std::memcpy(&d1, dead + j + 4, sizeof(d1));
+    const auto hit = ((s0 == bq) & (d0 == zq)) | ((s1 == bq) & (d1 == zq));
+    if ((hit[0] | hit[1] | hit[2] | hit[3]) == 0) continue;
+    for (int l = 0; l < kLanes; ++l) {
+      if (visit(j + l)) return j + l;
+    }
+  }
+  for (; j < n; ++j) {
+    if (visit(j)) return j;
+  }
+  return first;
+}
+
+// After a search that reached the columns with dead[j] != 0 at distance spc[j] (sink at min_val):
+// v_j -= min_val - spc_j on those columns (keeps reduced costs >= 0 and the new path tight).
+EXGRAMED_MULTIVERSION void update_column_duals(const double* dead, const double* spc, double min_val, int64_t n,
+                                               double* v) {
+  for (int64_t j = 0; j < n; ++j) v[j] = dead[j] != 0.0 ? v[j] - (min_val - spc[j]) : v[j];
+}
+
+// Jonker-Volgenant's augmenting row reduction (two passes) on the free rows left by the greedy row
+// reduction: a free row takes its cheapest column, lowering that column's potential by the gap to
+// its second cheapest (so the displaced owner, no longer tight there, is free and retried). Keeps
+// every reduced cost >= 0 and assigned pairs tight; afterwards u is recomputed from v. Cheap per
+// row (a few O(n) passes), it leaves few rows for the O(n^2) shortest-path augmentations.
+// The cheapest column j1 is the first minimum of h = c_i - v; the second (j2, u2) the first minimum
+// over the other columns -- what a one-pass scan keeping the two smallest in order finds.
+void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
+  double* v = ws.v.data();
+  double* h = ws.h.data();
+  // The workspace's lists: this runs once per Frank-Wolfe iteration, so no allocation per call.
+  std::vector<int64_t>& free_rows = ws.free_rows;
+  std::vector<int64_t>& next = ws.next_rows;
+  free_rows.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (ws.col4row[i] < 0) free_rows.push_back(i);
+  }
+  for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
+    next.clear();
+    size_t k = 0;
+    int64_t budget = n;  // retries of displaced rows in place, at most (float ties can cycle)
+    while (k < free_rows.size()) {
+      const int64_t i = free_rows[k++];
+      reduced_row(c + i * n, v, n, h);
+      int64_t j1 = -1, j2 = -1;
+      const double u1 = min_first(h, n, &j1);
+      h[j1] = kInf;
+      const double u2 = min_first(h, n, &j2);  // (n = 1: no second column, j2 = -1)
+      int64_t i0 = ws.row4col[j1];
+      const bool gap = u1 < u2 && j2 >= 0;
+      if (gap) {
+        v[j1] -= (u2 - u1);
+      } else if (i0 >= 0 && j2 >= 0) {
+        j1 = j2;
+        i0 = ws.row4col[j2];
+      }
+      ws.row4col[j1] = i;
+      ws.col4row[i] = j1;
+      if (i0 >= 0) {
+        ws.col4row[i0] = -1;
+        if (gap && budget-- > 0) {
+          free_rows[--k] = i0;  // retry the displaced row at once
+        } else {
+          next.push_back(i0);
+        }
+      }
+    }
+    free_rows.swap(next);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double* ci = c + i * n;
+    if (ws.col4row[i] >= 0) {
+      ws.u[i] = ci[ws.col4row[i]] - v[ws.col4row[i]];
+    } else {
+      reduced_row(ci, v, n, h);
+      int64_t j = -1;
+      ws.u[i] = min_first(h, n, &j);
+    }
+  }
+}
+
+void lap_impl(const double* score, const double* score2, int64_t n, bool maximize, bool clamp_positive,
+              LapWorkspace& ws, bool warm, bool row_reduction) {
+  ws.resize(n);
+  double* cm = ws.cost.data();
+  form_costs(score, score2, n * n, maximize ? -1.0 : 1.0, clamp_positive, cm);
+  if (!warm) std::fill(ws.v.begin(), ws.v.end(), 0.0);
+  std::fill(ws.col4row.begin(), ws.col4row.end(), -1);
+  std::fill(ws.row4col.begin(), ws.row4col.end(), -1);
+  double* u = ws.u.data();
+  double* v = ws.v.data();
+  double* spc = ws.spc.data();
+  double* dead = ws.dead.data();
+  // Row reduction against v, with greedy tight assignments.
+  for (int64_t i = 0; i < n; ++i) {
+    reduced_row(cm + i * n, v, n, ws.h.data());
+    int64_t bj = -1;
+    u[i] = min_first(ws.h.data(), n, &bj);
+    if (bj < 0) bj = 0;
+    if (ws.row4col[bj] < 0) {
+      ws.row4col[bj] = i;
+      ws.col4row[i] = bj;
+    }
+  }
+  if (row_reduction) augmenting_row_reduction(cm, n, ws);
+  for (int64_t cur = 0; cur < n; ++cur) {
+    if (ws.col4row[cur] >= 0) continue;
+    std::fill(spc, spc + n, kInf);
+    std::fill(dead, dead + n, 0.0);
+    ws.scanned_rows.clear();
+    double min_val = 0.0;
+    int64_t i = cur, sink = -1;
+    while (sink < 0) {
+      ws.scanned_rows.push_back(i);
+      double lowest = kInf;
+      const int64_t j = relax_and_pick(cm + i * n, v, dead, ws.row4col.data(), min_val - u[i], i, n, spc,
+                                       ws.path.data(), &lowest);
+      TORCH_CHECK(j >= 0, "linear_assignment: no finite assignment exists");
+      min_val = lowest;
+      dead[j] = kInf;
+      if (ws.row4col[j] < 0) {
+        sink = j;
+      } else {
+        i = ws.row4col[j];
+      }
+    }
+    u[cur] += min_val;
+    for (const int64_t r : ws.scanned_rows) {
+      if (r != cur) u[r] += min_val - spc[ws.col4row[r]];
+    }
+    update_column_duals(dead, spc, min_val, n, v);
+    int64_t j = sink;
+    while (true) {
+      const int64_t r = ws.path[j];
+      ws.row4col[j] = r;
+      const int64_t prev = ws.col4row[r];
+      ws.col4row[r] = j;
+      j = prev;
+      if (r == cur) break;
+    }
+  }
+}
+
+}  // namespace
+
+void lap_solve(const double* score, int64_t n, bool maximize, bool clamp_positive, LapWorkspace& ws, bool warm,
+               bool row_reduction) {
+  lap_impl(score, nullptr, n, maximize, clamp_positive, ws, warm, row_reduction);
+}
+
+void lap_solve_sum(const double* score, const double* score2, int64_t n, bool maximize, bool clamp_positive,
+                   LapWorkspace& ws, bool warm, bool row_reduction) {
+  lap_impl(score, score2, n, maximize, clamp_positive, ws, warm, row_reduction);
+}
+
+}  // namespace exgramed
