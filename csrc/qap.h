@@ -93,7 +93,8 @@ inline void check_init(const c10::optional<at::Tensor>& init, const at::Tensor& 
 inline QapMethod check_qap_args(const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2,
                                 const c10::optional<at::Tensor>& Q, const c10::optional<at::Tensor>& H1,
                                 const c10::optional<at::Tensor>& H2, c10::string_view method, int64_t max_iter,
-                                double tol, int64_t restarts, c10::string_view estimator, double lambda) {
+                                double tol, int64_t restarts, c10::string_view estimator, double lambda,
+                                bool check_q = true) {
   TORCH_CHECK(U.dim() == 3 && U.size(1) == U.size(2), "qap_solve: U must have shape [G, N, N], got ", U.sizes());
   check_float(U, "qap_solve: U");
   const int64_t G = U.size(0), N = U.size(1);
@@ -110,7 +111,7 @@ inline QapMethod check_qap_args(const at::Tensor& U, const at::Tensor& nbr1, con
                 "qap_solve: Q must have shape [G, N*k, N*k] = [", G, ", ", N * k, ", ", N * k, "], got ", q.sizes());
     check_float(q, "qap_solve: Q");
     check_same_device(q, "qap_solve: Q", U, "U");
-    check_finite(q, "qap_solve: Q");
+    if (check_q) check_finite(q, "qap_solve: Q");
   }
   if (H1.has_value()) {
     for (const auto& [h, name] : {std::pair<const at::Tensor&, const char*>(*H1, "H1"), {*H2, "H2"}}) {
@@ -226,6 +227,7 @@ struct QapInputs {
   at::Tensor Ud, Qt, n1, n2, init;  // init: [G, N] int64 contiguous, or undefined
   int64_t G = 0, N = 0, k = 0, R = 1;
   bool has_q = false;
+  bool q_unchecked = false;  // Q's NaN/Inf check was deferred to the kernel (defer_q_check)
   QapMethod method = QapMethod::FW;
 };
 
@@ -233,9 +235,10 @@ inline QapInputs prepare_qap(const at::Tensor& U, const at::Tensor& nbr1, const 
                              const c10::optional<at::Tensor>& Q, const c10::optional<at::Tensor>& H1,
                              const c10::optional<at::Tensor>& H2, c10::string_view method, int64_t max_iter,
                              double tol, int64_t restarts, c10::string_view estimator, double lambda,
-                             const c10::optional<at::Tensor>& init, bool partial) {
+                             const c10::optional<at::Tensor>& init, bool partial, bool defer_q_check = false) {
   QapInputs in;
-  in.method = check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, estimator, lambda);
+  in.method = check_qap_args(U, nbr1, nbr2, Q, H1, H2, method, max_iter, tol, restarts, estimator, lambda,
+                             !defer_q_check);
   check_init(init, U, partial);
   if (init.has_value()) in.init = init->contiguous();
   in.G = U.size(0);
@@ -247,6 +250,7 @@ inline QapInputs prepare_qap(const at::Tensor& U, const at::Tensor& nbr1, const 
   if (in.G == 0 || in.N == 0) return in;
   if (Q.has_value()) {
     in.Qt = solver_q_table(*Q);
+    in.q_unchecked = defer_q_check;
   } else if (H1.has_value()) {
     const bool dbl = H1->scalar_type() == at::kDouble || H2->scalar_type() == at::kDouble;
     in.Qt = implicit_q_dense(*H1, *H2, in.n1, in.n2, dbl ? at::kDouble : at::kFloat);

@@ -30,6 +30,7 @@ struct Problem {
   const int64_t* nbr2 = nullptr;
   bool partial = false;
   std::vector<int64_t> in1_ptr, in1_e, in2_ptr, in2_f;
+  std::vector<int64_t> in1_head, in2_head;  // e / k and f / k of the lists' edges (no division in the loops)
   std::vector<char> near1;  // near1[i*N+j]: an edge of graph 1 joins i and j, or a self-loop sits on i or j
 
   void build_reverse() {
@@ -54,6 +55,12 @@ struct Problem {
     };
     rev(nbr1, in1_ptr, in1_e);
     rev(nbr2, in2_ptr, in2_f);
+    in1_head.resize(Nk);
+    in2_head.resize(Nk);
+    for (int64_t q = 0; q < Nk; ++q) {
+      in1_head[q] = in1_e[q] / k;
+      in2_head[q] = in2_f[q] / k;
+    }
   }
 };
 
@@ -86,28 +93,60 @@ void grad_q(const Problem<qt>& p, const double* X, double* out, double* xg) {
   }
 }
 
-// out = grad q(P) of a (partial) permutation, perm[i] = column of row i or -1: O(N^2 + N k^2)
-// instead of O(N^2 k^2), as P has one entry per row. Needs the reverse lists.
+// out = grad q(J/N), the gradient at the barycenter: (1/N) times, per (x, y), the sum of Q over the
+// edge pairs with s1(e) = x, s2(f) = y (source term: the out-edges of y in row e) and over those
+// with t1(e) = x, t2(f) = y (target term). One read of Q, no X.
 template <typename qt>
-void grad_q_perm(const Problem<qt>& p, const int64_t* perm, double* out) {
+void grad_q_uniform(const Problem<qt>& p, double* out) {
   const int64_t N = p.N, k = p.k, Nk = p.Nk;
   std::fill(out, out + N * N, 0.0);
+  for (int64_t e = 0; e < Nk; ++e) {
+    const qt* qrow = p.Q + e * Nk;
+    double* os = out + (e / k) * N;
+    double* ot = out + p.nbr1[e] * N;
+    for (int64_t y = 0; y < N; ++y) {
+      double src = 0.0;
+      for (int64_t t = 0; t < k; ++t) {
+        const double q = static_cast<double>(qrow[y * k + t]);
+        src += q;
+        ot[p.nbr2[y * k + t]] += q;
+      }
+      os[y] += src;
+    }
+  }
+  const double c = 1.0 / static_cast<double>(N);
+  for (int64_t x = 0; x < N * N; ++x) out[x] *= c;
+}
+
+// out = keep * out + t * grad q(P) for a (partial) permutation P, perm[i] = column of row i or -1:
+// O(N^2 + N k^2) instead of O(N^2 k^2), as P has one entry per row (keep = 0, t = 1: grad q(P)
+// itself). Needs the reverse lists.
+template <typename qt>
+void grad_q_perm(const Problem<qt>& p, const int64_t* perm, double* out, double keep = 0.0, double t = 1.0) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk;
+  if (keep == 0.0) {
+    std::fill(out, out + N * N, 0.0);
+  } else {
+    for (int64_t x = 0; x < N * N; ++x) out[x] *= keep;
+  }
   for (int64_t x = 0; x < N; ++x) {
     double* ox = out + x * N;
     // source term: P[t1(e), t2(f)] = 1 for the in-edges f of perm[t1(e)]
     for (int64_t s = 0; s < k; ++s) {
       const int64_t e = x * k + s, b = perm[p.nbr1[e]];
       if (b < 0) continue;
+      const qt* qe = p.Q + e * Nk;
       for (int64_t q = p.in2_ptr[b]; q < p.in2_ptr[b + 1]; ++q) {
-        const int64_t f = p.in2_f[q];
-        ox[f / k] += static_cast<double>(p.Q[e * Nk + f]);
+        ox[p.in2_head[q]] += t * static_cast<double>(qe[p.in2_f[q]]);
       }
     }
     // target term: P[s1(e), s2(f)] = 1 for the out-edges f of perm[s1(e)]
     for (int64_t q = p.in1_ptr[x]; q < p.in1_ptr[x + 1]; ++q) {
-      const int64_t e = p.in1_e[q], a = perm[e / k];
+      const int64_t e = p.in1_e[q], a = perm[p.in1_head[q]];
       if (a < 0) continue;
-      for (int64_t t = 0; t < k; ++t) ox[p.nbr2[a * k + t]] += static_cast<double>(p.Q[e * Nk + a * k + t]);
+      const qt* qf = p.Q + e * Nk + a * k;
+      const int64_t* na = p.nbr2 + a * k;
+      for (int64_t tt = 0; tt < k; ++tt) ox[na[tt]] += t * static_cast<double>(qf[tt]);
     }
   }
 }
@@ -177,62 +216,71 @@ struct Work {
   }
 };
 
-// The vertex maximising <S, P>: LAP of S (of max(S, 0) with the non-positive pairs dropped
-// for partial permutations: max over partial permutations = that, as extending a partial
-// matching by pairs of score >= 0 never lowers it).
+// The vertex maximising <S, P>, S = S1 (+ S2 if given): LAP of S (of max(S, 0) with the
+// non-positive pairs dropped for partial permutations: max over partial permutations = that, as
+// extending a partial matching by pairs of score >= 0 never lowers it).
 template <typename qt>
-void vertex_oracle(const Problem<qt>& p, const double* S, Work& w, bool warm, int64_t* perm) {
-  lap_solve(S, p.N, /*maximize=*/true, p.partial, w.lap, warm, /*row_reduction=*/true);
+void vertex_oracle(const Problem<qt>& p, const double* S1, const double* S2, Work& w, bool warm, int64_t* perm) {
+  lap_solve_sum(S1, S2, p.N, /*maximize=*/true, p.partial, w.lap, warm, /*row_reduction=*/true);
   for (int64_t i = 0; i < p.N; ++i) {
     const int64_t j = w.lap.col4row[i];
-    perm[i] = (p.partial && !(S[i * p.N + j] > 0)) ? -1 : j;
+    const double sij = S2 == nullptr ? S1[i * p.N + j] : S1[i * p.N + j] + S2[i * p.N + j];
+    perm[i] = (p.partial && !(sij > 0)) ? -1 : j;
   }
 }
 
 template <typename qt>
-void keep_if_better(const Problem<qt>& p, const int64_t* perm, double& best_f, int64_t* best) {
-  const double f = objective_perm(p, perm);
+void keep_if_better(const Problem<qt>& p, const int64_t* perm, double f, double& best_f, int64_t* best) {
   if (f > best_f) {
     best_f = f;
     std::copy(perm, perm + p.N, best);
   }
 }
 
-// Frank-Wolfe from w.X; the best vertex seen goes to w.best. f along X + t (P - X) is
-// f(X) + t <grad f(X), P - X> + t^2 q(P - X), q(P - X) = q(P) - <grad q(X), P> + q(X).
-// start_perm: w.X is this vertex (its gradient then costs O(N k^2) instead of a dense pass).
+// Frank-Wolfe from w.X with w.gq = grad q(w.X); the best vertex seen goes to w.best. f along
+// X + t (P - X) is f(X) + t <grad f(X), P - X> + t^2 q(P - X), q(P - X) = q(P) - <grad q(X), P> + q(X).
+// x_vertex: w.X is a (partial) permutation (then a candidate already).
+// Per iteration, after the oracle: O(N k^2) plus one scaling pass over grad q. grad q is linear,
+// grad q(X + t (P - X)) = (1 - t) grad q(X) + t grad q(P), and grad q(P) of a vertex costs O(N k^2);
+// <U, X> and q(X) follow the same line (O(N) from the oracle's <U, P>, <grad q(X), P>, q(P)).
 template <typename qt>
-double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol, const int64_t* start_perm) {
+double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol, bool x_vertex, double best_f) {
   const int64_t N = p.N, NN = N * N;
-  double best_f = -std::numeric_limits<double>::infinity();
-  // grad q is linear: after the start, grad q(X + t (P - X)) = (1 - t) grad q(X) + t grad q(P),
-  // and grad q(P) of a vertex costs O(N k^2).
-  if (start_perm != nullptr) {
-    keep_if_better(p, start_perm, best_f, w.best.data());  // the start vertex is a candidate (first: wins ties)
-    grad_q_perm(p, start_perm, w.gq.data());
-  } else {
-    grad_q(p, w.X.data(), w.gq.data(), w.xg.data());
-  }
+  double uX = dot(p.U, w.X.data(), NN), qX = 0.5 * dot(w.gq.data(), w.X.data(), NN);
+  int64_t* P = w.P.data();
   for (int64_t it = 0; it < max_iter; ++it) {
-    for (int64_t x = 0; x < NN; ++x) w.gf[x] = p.U[x] + w.gq[x];
-    vertex_oracle(p, w.gf.data(), w, it > 0, w.P.data());
-    keep_if_better(p, w.P.data(), best_f, w.best.data());
-    const double qX = 0.5 * dot(w.gq.data(), w.X.data(), NN);
-    const double uX = dot(p.U, w.X.data(), NN);
+    vertex_oracle(p, p.U, w.gq.data(), w, it > 0, P);
+    const double uP = dot_perm(p.U, P, N), gP = dot_perm(w.gq.data(), P, N), qP = quad_perm(p, P);
+    keep_if_better(p, P, uP + qP, best_f, w.best.data());
     const double fX = uX + qX;
-    const double gap = dot_perm(w.gf.data(), w.P.data(), N) - (uX + 2.0 * qX);  // <gf, X> = <U, X> + <gq, X>
+    const double gap = (uP + gP) - (uX + 2.0 * qX);  // <grad f(X), P - X>, <grad q(X), X> = 2 q(X)
     if (gap <= tol * std::max(1.0, std::abs(fX))) break;
-    const double b = quad_perm(p, w.P.data()) - dot_perm(w.gq.data(), w.P.data(), N) + qX;
+    const double b = qP - gP + qX;
     const double t = b < 0 ? std::min(1.0, -gap / (2 * b)) : 1.0;
+    if (t == 1.0) {  // a full step: X = P
+      std::fill(w.X.begin(), w.X.begin() + NN, 0.0);
+      for (int64_t i = 0; i < N; ++i) {
+        if (P[i] >= 0) w.X[i * N + P[i]] = 1.0;
+      }
+      grad_q_perm(p, P, w.gq.data());
+      uX = uP;
+      qX = qP;
+      x_vertex = true;
+      continue;
+    }
     for (int64_t x = 0; x < NN; ++x) w.X[x] *= (1.0 - t);
     for (int64_t i = 0; i < N; ++i) {
-      if (w.P[i] >= 0) w.X[i * N + w.P[i]] += t;
+      if (P[i] >= 0) w.X[i * N + P[i]] += t;
     }
-    grad_q_perm(p, w.P.data(), w.S.data());
-    for (int64_t x = 0; x < NN; ++x) w.gq[x] = (1.0 - t) * w.gq[x] + t * w.S[x];
+    grad_q_perm(p, P, w.gq.data(), 1.0 - t, t);
+    uX += t * (uP - uX);
+    qX += t * (gP - 2.0 * qX) + t * t * b;
+    x_vertex = false;
   }
-  vertex_oracle(p, w.X.data(), w, false, w.P.data());  // the rounding of the last iterate
-  keep_if_better(p, w.P.data(), best_f, w.best.data());
+  if (!x_vertex) {  // the rounding of the last iterate (a vertex iterate is a candidate already)
+    vertex_oracle(p, w.X.data(), nullptr, w, false, P);
+    keep_if_better(p, P, objective_perm(p, P), best_f, w.best.data());
+  }
   return best_f;
 }
 
@@ -298,9 +346,9 @@ double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, dou
       lap_solve(w.L.data(), 2 * N, /*maximize=*/true, false, w.lap2, false);
       for (int64_t i = 0; i < N; ++i) w.P[i] = w.lap2.col4row[i] < N ? w.lap2.col4row[i] : -1;
     } else {
-      vertex_oracle(p, w.X.data(), w, it > 0, w.P.data());
+      vertex_oracle(p, w.X.data(), nullptr, w, it > 0, w.P.data());
     }
-    keep_if_better(p, w.P.data(), best_f, w.best.data());
+    keep_if_better(p, w.P.data(), objective_perm(p, w.P.data()), best_f, w.best.data());
     double change = 0.0;
     for (int64_t x = 0; x < NN; ++x) change = std::max(change, std::abs(w.X[x] - prev[x]));
     if (change <= tol) break;
@@ -379,7 +427,7 @@ double polish(const Problem<qt>& p, Work& w) {
                 const int64_t e = p.in1_e[q1];
                 for (int64_t q2 = p.in2_ptr[c]; q2 < p.in2_ptr[c + 1]; ++q2) {
                   const int64_t f = p.in2_f[q2];
-                  G[(e / k) * N + f / k] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
+                  G[p.in1_head[q1] * N + p.in2_head[q2]] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
                 }
               }
               for (int64_t s = 0; s < k; ++s) {
@@ -405,21 +453,23 @@ double polish(const Problem<qt>& p, Work& w) {
 }
 
 // Start r: 0 the barycenter J/N (or the given init vertex), 1 the vertex LAP(U), r >= 2 the
-// midpoint of J/N and a random permutation.
+// midpoint of J/N and a random permutation. g0: grad q(J/N) of the problem (Frank-Wolfe; the
+// starts' gradients follow from it by linearity), or null to compute it here.
 template <typename qt>
 void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, int64_t max_iter, double tol,
-                int64_t seed, const int64_t* init, Work& w, int64_t* out_perm, double* out_f) {
+                int64_t seed, const int64_t* init, const double* g0, Work& w, int64_t* out_perm, double* out_f) {
   const int64_t N = p.N, NN = N * N;
   if (p.Q == nullptr) {  // linear: the assignment of U is optimal
-    vertex_oracle(p, p.U, w, false, out_perm);
+    vertex_oracle(p, p.U, nullptr, w, false, out_perm);
     *out_f = objective_perm(p, out_perm);
     return;
   }
+  double best_f = -std::numeric_limits<double>::infinity();
   std::vector<int64_t> start;  // the start vertex, if the start is one
   if (r == 1 || (r == 0 && init != nullptr)) {
     start.resize(N);
     if (r == 1) {
-      vertex_oracle(p, p.U, w, false, start.data());
+      vertex_oracle(p, p.U, nullptr, w, false, start.data());
     } else {
       std::copy(init, init + N, start.begin());
     }
@@ -431,13 +481,34 @@ void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, in
     const double c = r == 0 ? 1.0 / N : 0.5 / N;
     std::fill(w.X.begin(), w.X.begin() + NN, c);
     if (r >= 2) {
-      std::vector<int64_t> perm(N);
-      random_start_perm(seed, g, r, N, perm.data());
-      for (int64_t i = 0; i < N; ++i) w.X[i * N + perm[i]] += 0.5;
+      start.resize(N);
+      random_start_perm(seed, g, r, N, start.data());
+      for (int64_t i = 0; i < N; ++i) w.X[i * N + start[i]] += 0.5;
     }
   }
   if (method == QapMethod::FW) {
-    frank_wolfe(p, w, max_iter, tol, start.empty() ? nullptr : start.data());
+    const bool vertex = r == 1 || (r == 0 && init != nullptr);
+    if (vertex) {
+      keep_if_better(p, start.data(), objective_perm(p, start.data()), best_f, w.best.data());  // first: wins ties
+      grad_q_perm(p, start.data(), w.gq.data());
+    } else {
+      if (g0 == nullptr) {
+        std::fill(w.X.begin(), w.X.begin() + NN, 1.0 / N);
+        grad_q(p, w.X.data(), w.S.data(), w.xg.data());
+        g0 = w.S.data();
+        std::fill(w.X.begin(), w.X.begin() + NN, r == 0 ? 1.0 / N : 0.5 / N);
+        if (r >= 2) {
+          for (int64_t i = 0; i < N; ++i) w.X[i * N + start[i]] += 0.5;
+        }
+      }
+      if (r == 0) {
+        std::copy(g0, g0 + NN, w.gq.begin());
+      } else {  // grad q(J / 2N + P / 2) = grad q(J/N) / 2 + grad q(P) / 2
+        grad_q_perm(p, start.data(), w.gq.data());
+        for (int64_t x = 0; x < NN; ++x) w.gq[x] = 0.5 * g0[x] + 0.5 * w.gq[x];
+      }
+    }
+    frank_wolfe(p, w, max_iter, tol, vertex, best_f);
   } else {
     // Starts also differ in the initial temperature (annealing forgets a hot start).
     graduated_assignment(p, w, max_iter, tol, std::pow(0.5, double(r % 6)));
@@ -471,23 +542,40 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::
                                                  const c10::optional<at::Tensor>& init) {
   TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
   const QapInputs in = prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator,
-                                   lambda, init, partial);
+                                   lambda, init, partial, /*defer_q_check=*/true);
   const int64_t G = in.G, N = in.N, k = in.k, R = in.R;
   if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
   std::vector<int64_t> perms(G * R * N);
   std::vector<double> fvals(G * R);
+  // Frank-Wolfe's starts at J/N (r = 0 without init) and J/2N + P/2 (r >= 2) all begin from grad q(J/N):
+  // one dense pass over Q per problem, shared by its starts.
+  const bool with_g0 = in.has_q && in.method == QapMethod::FW && (!in.init.defined() || R > 2);
+  at::Tensor g0 = with_g0 ? at::empty({G, N, N}, in.Ud.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.Qt.scalar_type(), "qap_solve_cpu", [&] {
     const scalar_t* qp = in.has_q ? in.Qt.data_ptr<scalar_t>() : nullptr;
+    auto problem = [&](int64_t g) {
+      return make_problem<scalar_t>(in.Ud.data_ptr<double>() + g * N * N, in.has_q ? qp + g * N * k * N * k : nullptr,
+                                    in.n1.data_ptr<int64_t>() + g * N * k, in.n2.data_ptr<int64_t>() + g * N * k, N, k,
+                                    partial, true);
+    };
+    if (with_g0) {
+      at::parallel_for(0, G, 1, [&](int64_t g0_, int64_t g1_) {
+        for (int64_t g = g0_; g < g1_; ++g) grad_q_uniform(problem(g), g0.data_ptr<double>() + g * N * N);
+      });
+      // Every entry of Q enters grad q(J/N) with weight 1/N: a NaN or Inf in Q makes it non-finite (prepare_qap
+      // left Q's own check to this N^2 test; a non-finite result from finite huge values is told apart here).
+      if (in.q_unchecked && !all_finite(g0)) check_finite(in.Qt, "qap_solve: Q");
+    } else if (in.q_unchecked) {
+      check_finite(in.Qt, "qap_solve: Q");
+    }
     at::parallel_for(0, G * R, 1, [&](int64_t t0, int64_t t1) {
       Work w;
       w.resize(N, k);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t g = task / R, r = task % R;
-        const Problem<scalar_t> p = make_problem<scalar_t>(
-            in.Ud.data_ptr<double>() + g * N * N, in.has_q ? qp + g * N * k * N * k : nullptr,
-            in.n1.data_ptr<int64_t>() + g * N * k, in.n2.data_ptr<int64_t>() + g * N * k, N, k, partial, true);
         const int64_t* init_g = in.init.defined() ? in.init.data_ptr<int64_t>() + g * N : nullptr;
-        solve_task(p, g, r, in.method, max_iter, tol, seed, init_g, w, perms.data() + task * N,
+        solve_task(problem(g), g, r, in.method, max_iter, tol, seed, init_g,
+                   with_g0 ? g0.data_ptr<double>() + g * N * N : nullptr, w, perms.data() + task * N,
                    fvals.data() + task);
       }
     });
