@@ -76,6 +76,44 @@ EXGRAMED_MULTIVERSION double min_first(const double* x, int64_t n, int64_t* arg)
   return best;
 }
 
+// min_first of h = c - v without storing h (the row reduction's u_i and its column).
+EXGRAMED_MULTIVERSION double reduced_min_first(const double* c, const double* v, int64_t n, int64_t* arg) {
+  quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    quad c0, c1, v0, v1;
+    std::memcpy(&c0, c + j, sizeof(c0));
+    std::memcpy(&c1, c + j + 4, sizeof(c1));
+    std::memcpy(&v0, v + j, sizeof(v0));
+    std::memcpy(&v1, v + j + 4, sizeof(v1));
+    const quad h0 = c0 - v0, h1 = c1 - v1;
+    m0 = h0 < m0 ? h0 : m0;
+    m1 = h1 < m1 ? h1 : m1;
+  }
+  double best = kInf;
+  for (; j < n; ++j) best = c[j] - v[j] < best ? c[j] - v[j] : best;
+  for (int l = 0; l < 4; ++l) best = std::min({best, m0[l], m1[l]});
+  *arg = -1;
+  if (!(best < kInf)) return best;
+  for (j = 0; j + kLanes <= n; j += kLanes) {
+    quad c0, c1, v0, v1;
+    std::memcpy(&c0, c + j, sizeof(c0));
+    std::memcpy(&c1, c + j + 4, sizeof(c1));
+    std::memcpy(&v0, v + j, sizeof(v0));
+    std::memcpy(&v1, v + j + 4, sizeof(v1));
+    const quad bq = {best, best, best, best};
+    const auto hit = (c0 - v0 == bq) | (c1 - v1 == bq);
+    if ((hit[0] | hit[1] | hit[2] | hit[3]) != 0) break;
+  }
+  for (; j < n; ++j) {
+    if (c[j] - v[j] == best) {
+      *arg = j;
+      break;
+    }
+  }
+  return best;
+}
+
 // One step of the shortest-path search from row i (base = the distance to i minus u_i): relax every
 // live column, spc[j] = min(spc[j], base + c_ij - v_j) (path[j] = i where it improves), and return the
 // live column of least distance -- ties to a free column (row4col < 0), then to the lowest index --
@@ -191,9 +229,8 @@ void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
     if (ws.col4row[i] >= 0) {
       ws.u[i] = ci[ws.col4row[i]] - v[ws.col4row[i]];
     } else {
-      reduced_row(ci, v, n, h);
       int64_t j = -1;
-      ws.u[i] = min_first(h, n, &j);
+      ws.u[i] = reduced_min_first(ci, v, n, &j);
     }
   }
 }
@@ -212,9 +249,8 @@ void lap_impl(const double* score, const double* score2, int64_t n, bool maximiz
   double* dead = ws.dead.data();
   // Row reduction against v, with greedy tight assignments.
   for (int64_t i = 0; i < n; ++i) {
-    reduced_row(cm + i * n, v, n, ws.h.data());
     int64_t bj = -1;
-    u[i] = min_first(ws.h.data(), n, &bj);
+    u[i] = reduced_min_first(cm + i * n, v, n, &bj);
     if (bj < 0) bj = 0;
     if (ws.row4col[bj] < 0) {
       ws.row4col[bj] = i;
