@@ -187,6 +187,27 @@ def _inverse_edge_lengths(gram: torch.Tensor, nbr: torch.Tensor, edge_floor: flo
     return d2.clamp_min(1e-24).rsqrt()
 
 
+def _cross_cosines(hn: torch.Tensor, src, dst) -> torch.Tensor:
+    """``hn[src[p]] hn[dst[p]]^T`` for every problem p: ``[G, N, h] -> [P, N, N]``.
+
+    One GEMM per unordered pair of graphs: a problem and its reverse (both directions in either mode)
+    and the S noise samples of a problem share it, transposed or repeated -- half the GEMMs (and of
+    their backward) of one per problem.
+    """
+    if not all(type(v) is int for v in (*src, *dst)):  # symbolic K (dynamic shapes): one GEMM per problem
+        return torch.bmm(hn[src], hn[dst].transpose(1, 2))
+    first = {}
+    for a, b in zip(src, dst):
+        if (a, b) not in first and (b, a) not in first:
+            first[(a, b)] = len(first)
+    keys = list(first)
+    base = torch.bmm(hn[[a for a, _ in keys]], hn[[b for _, b in keys]].transpose(1, 2))
+    if len(keys) == len(src):
+        return base
+    return torch.stack([base[first[(a, b)]] if (a, b) in first else base[first[(b, a)]].transpose(0, 1)
+                        for a, b in zip(src, dst)])
+
+
 def node_features(graphs, weights, dropout_masks, k, metric, aggr, reverse, dtype):
     """kNN graphs and the two GraphConv layers (ReLU, optional dropout masks) of ``align``.
 
@@ -216,7 +237,7 @@ def problem_scores(h, nbr, src, dst, copy_structure, quadratic_noise=None, noise
     hn = h / norms.clamp_min(1e-12).unsqueeze(-1)  # F.normalize
     nbr1 = nbr[src]
     nbr2 = nbr1 if copy_structure else nbr[dst]
-    cos = torch.bmm(hn[src], hn[dst].transpose(1, 2))
+    cos = _cross_cosines(hn, src, dst)
     U = cos - 0.5
     # Edge lengths once per graph (each graph sits in several problems); with copied structure,
     # graph 2's edges follow graph 1's table, so its lengths are per problem.
