@@ -17,7 +17,7 @@ namespace exgramed {
 
 struct LapWorkspace {
   int64_t n = -1;
-  std::vector<double> u, v, spc, dead, h, cost;
+  std::vector<double> u, v, spc, dead, cost;
   std::vector<int64_t> col4row, row4col, path, scanned_rows, free_rows, next_rows;
 
   void resize(int64_t n_) {
@@ -27,7 +27,6 @@ struct LapWorkspace {
     v.assign(n, 0.0);
     spc.assign(n, 0.0);
     dead.assign(n, 0.0);
-    h.assign(n, 0.0);
     col4row.assign(n, -1);
     row4col.assign(n, -1);
     path.assign(n, -1);

@@ -40,43 +40,31 @@ EXGRAMED_MULTIVERSION void form_costs(const double* a, const double* b, int64_t 
   }
 }
 
-// h = c - v (n entries).
-EXGRAMED_MULTIVERSION void reduced_row(const double* c, const double* v, int64_t n, double* h) {
-  for (int64_t j = 0; j < n; ++j) h[j] = c[j] - v[j];
-}
-
-// The minimum of x[0..n) and its first index (-1 and +inf if every entry is +inf): the minimum in
-// lanes, then a scan for its first occurrence, a block of lanes at a time.
-EXGRAMED_MULTIVERSION double min_first(const double* x, int64_t n, int64_t* arg) {
-  quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    quad x0, x1;
-    std::memcpy(&x0, x + j, sizeof(x0));
-    std::memcpy(&x1, x + j + 4, sizeof(x1));
-    m0 = x0 < m0 ? x0 : m0;
-    m1 = x1 < m1 ? x1 : m1;
+// The first j >= from with c_j - v_j == value (-1 if none), a block of eight at a time.
+EXGRAMED_MULTIVERSION int64_t first_reduced_equal(const double* c, const double* v, int64_t n, int64_t from,
+                                                  double value) {
+  int64_t j = from;
+  for (; j < n && (j & (kLanes - 1)) != 0; ++j) {
+    if (c[j] - v[j] == value) return j;
   }
-  double best = kInf;
-  for (; j < n; ++j) best = x[j] < best ? x[j] : best;
-  for (int l = 0; l < 4; ++l) best = std::min({best, m0[l], m1[l]});
-  *arg = -1;
-  if (!(best < kInf)) return best;
-  for (j = 0; j + kLanes <= n; j += kLanes) {
-    int hit = 0;
-    for (int l = 0; l < kLanes; ++l) hit |= x[j + l] == best;
-    if (hit) break;
+  const quad bq = {value, value, value, value};
+  for (; j + kLanes <= n; j += kLanes) {
+    quad c0, c1, v0, v1;
+    std::memcpy(&c0, c + j, sizeof(c0));
+    std::memcpy(&c1, c + j + 4, sizeof(c1));
+    std::memcpy(&v0, v + j, sizeof(v0));
+    std::memcpy(&v1, v + j + 4, sizeof(v1));
+    const auto hit = (c0 - v0 == bq) | (c1 - v1 == bq);
+    if ((hit[0] | hit[1] | hit[2] | hit[3]) != 0) break;
   }
   for (; j < n; ++j) {
-    if (x[j] == best) {
-      *arg = j;
-      break;
-    }
+    if (c[j] - v[j] == value) return j;
   }
-  return best;
+  return -1;
 }
 
-// min_first of h = c - v without storing h (the row reduction's u_i and its column).
+// The minimum of c - v and its first index (-1 and +inf if every entry is +inf): the row reduction's
+// u_i and its column. The minimum in lanes, then a scan for its first occurrence.
 EXGRAMED_MULTIVERSION double reduced_min_first(const double* c, const double* v, int64_t n, int64_t* arg) {
   quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
   int64_t j = 0;
@@ -93,25 +81,53 @@ EXGRAMED_MULTIVERSION double reduced_min_first(const double* c, const double* v,
   double best = kInf;
   for (; j < n; ++j) best = c[j] - v[j] < best ? c[j] - v[j] : best;
   for (int l = 0; l < 4; ++l) best = std::min({best, m0[l], m1[l]});
-  *arg = -1;
-  if (!(best < kInf)) return best;
-  for (j = 0; j + kLanes <= n; j += kLanes) {
+  *arg = best < kInf ? first_reduced_equal(c, v, n, 0, best) : -1;
+  return best;
+}
+
+// The two smallest of h = c - v in one pass: (u1, j1) the minimum and its first index, (u2, j2) the
+// minimum over j != j1 and its first index (u2 = +inf, j2 = -1 for n = 1). Each lane keeps its two
+// smallest (m2 = min(m2, max(m1, h)), m1 = min(m1, h)); the global two are among them.
+EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_t n, double* u1, int64_t* j1,
+                                        double* u2, int64_t* j2) {
+  quad a0 = {kInf, kInf, kInf, kInf}, a1 = a0, b0 = a0, b1 = a0;  // lanes' smallest (a) and second (b)
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
     quad c0, c1, v0, v1;
     std::memcpy(&c0, c + j, sizeof(c0));
     std::memcpy(&c1, c + j + 4, sizeof(c1));
     std::memcpy(&v0, v + j, sizeof(v0));
     std::memcpy(&v1, v + j + 4, sizeof(v1));
-    const quad bq = {best, best, best, best};
-    const auto hit = (c0 - v0 == bq) | (c1 - v1 == bq);
-    if ((hit[0] | hit[1] | hit[2] | hit[3]) != 0) break;
+    const quad h0 = c0 - v0, h1 = c1 - v1;
+    b0 = (a0 > h0 ? a0 : h0) < b0 ? (a0 > h0 ? a0 : h0) : b0;
+    b1 = (a1 > h1 ? a1 : h1) < b1 ? (a1 > h1 ? a1 : h1) : b1;
+    a0 = h0 < a0 ? h0 : a0;
+    a1 = h1 < a1 ? h1 : a1;
   }
-  for (; j < n; ++j) {
-    if (c[j] - v[j] == best) {
-      *arg = j;
-      break;
+  double m1 = kInf, m2 = kInf;  // the two smallest of the multiset of lane values and the tail
+  auto add = [&](double x) {
+    if (x < m1) {
+      m2 = m1;
+      m1 = x;
+    } else if (x < m2) {
+      m2 = x;
     }
+  };
+  for (int l = 0; l < 4; ++l) {
+    add(a0[l]);
+    add(b0[l]);
+    add(a1[l]);
+    add(b1[l]);
   }
-  return best;
+  for (; j < n; ++j) add(c[j] - v[j]);
+  *u1 = m1;
+  *u2 = m2;
+  *j1 = first_reduced_equal(c, v, n, 0, m1);
+  if (!(m2 < kInf)) {
+    *j2 = -1;
+  } else {
+    *j2 = m2 == m1 ? first_reduced_equal(c, v, n, *j1 + 1, m2) : first_reduced_equal(c, v, n, 0, m2);
+  }
 }
 
 // One step of the shortest-path search from row i (base = the distance to i minus u_i): relax every
@@ -184,7 +200,6 @@ EXGRAMED_MULTIVERSION void update_column_duals(const double* dead, const double*
 // over the other columns -- what a one-pass scan keeping the two smallest in order finds.
 void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
   double* v = ws.v.data();
-  double* h = ws.h.data();
   // The workspace's lists: this runs once per Frank-Wolfe iteration, so no allocation per call.
   std::vector<int64_t>& free_rows = ws.free_rows;
   std::vector<int64_t>& next = ws.next_rows;
@@ -198,11 +213,9 @@ void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
     int64_t budget = n;  // retries of displaced rows in place, at most (float ties can cycle)
     while (k < free_rows.size()) {
       const int64_t i = free_rows[k++];
-      reduced_row(c + i * n, v, n, h);
       int64_t j1 = -1, j2 = -1;
-      const double u1 = min_first(h, n, &j1);
-      h[j1] = kInf;
-      const double u2 = min_first(h, n, &j2);  // (n = 1: no second column, j2 = -1)
+      double u1, u2;
+      reduced_min2(c + i * n, v, n, &u1, &j1, &u2, &j2);  // (n = 1: no second column, j2 = -1)
       int64_t i0 = ws.row4col[j1];
       const bool gap = u1 < u2 && j2 >= 0;
       if (gap) {
