@@ -93,6 +93,44 @@ def indicator_combination(terms, nbr1: torch.Tensor, nbr2: torch.Tensor, dtype: 
     return out.scatter_add_(2, torch.cat(cols, 2), torch.cat(vals, 2))
 
 
+def indicator_combination_sparse(terms, nbr1: torch.Tensor, nbr2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`indicator_combination` as an (uncoalesced) sparse COO tensor ``[G, N k, N k]``: the
+    candidate entries that hold a matched edge pair only, no dense ``[G, N k, N k]`` zeros to write and
+    scan. For consumers that take sparse gradients (``pair_scores``' backward)."""
+    G, N, k = nbr1.shape
+    Nk = N * k
+    idx, vals = [], []
+    t = torch.arange(k, device=nbr1.device)
+    rows = torch.arange(G * Nk, device=nbr1.device).view(G, Nk, 1).expand(G, Nk, k)
+    for Z, weight in terms:
+        perm = matching_of(Z)
+        a = perm.repeat_interleave(k, dim=1)
+        b = torch.gather(perm, 1, nbr1.reshape(G, Nk))
+        a0 = a.clamp_min(0)
+        ends = torch.gather(nbr2, 1, a0.unsqueeze(2).expand(G, Nk, k))
+        hit = (ends == b.unsqueeze(2)) & (a >= 0).unsqueeze(2) & (b >= 0).unsqueeze(2)
+        w = torch.as_tensor(weight, dtype=dtype, device=nbr1.device).reshape(-1, 1, 1).expand(G, Nk, k)
+        flat = rows[hit]  # g * Nk + e
+        idx.append(torch.stack([flat // Nk, flat % Nk, (a0.unsqueeze(2) * k + t)[hit]]))
+        vals.append(w[hit])
+    return torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(vals), (G, Nk, Nk), dtype=dtype,
+                                   device=nbr1.device, check_invariants=False)  # in range by construction
+
+
+def _sparse_grad_q_ok(Q: torch.Tensor | None) -> bool:
+    """Whether the backward may hand ``Q`` a sparse COO gradient: only when ``Q`` comes straight from
+    ``pair_scores`` (whose backward takes sparse gradients; align's case), on the CPU, outside tracing.
+    Any other producer gets the dense gradient it expects (a second consumer of ``Q`` is fine: autograd
+    sums a dense and a sparse gradient into a dense one)."""
+    if Q is None or not Q.requires_grad or Q.grad_fn is None or Q.device.type != "cpu":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or is_fake(Q):
+        return False
+    return Q.grad_fn.name() == "GeneratedBackwardFor_exgramed_pair_scores_defaultBackward"
+
+
 def matching_of(Z: torch.Tensor) -> torch.Tensor:
     """The column of each row of 0/1 matchings ``Z [G, N, N]``, -1 for an empty row: int64 ``[G, N]``."""
     cols = Z.argmax(-1)
@@ -119,6 +157,7 @@ def _setup_context(ctx, inputs, output):
     ctx.method, ctx.max_iter, ctx.tol, ctx.restarts = method, max_iter, tol, restarts
     ctx.partial, ctx.seed, ctx.estimator, ctx.lambda_ = partial, seed, estimator, lambda_
     ctx.has_Q, ctx.has_H = Q is not None, H1 is not None
+    ctx.sparse_q = _sparse_grad_q_ok(Q)
     Z, _ = output
     ctx.save_for_backward(U, nbr1, nbr2, Q, H1, H2, Z)
 
@@ -165,6 +204,9 @@ def _backward(ctx, grad_Z, grad_obj):
             terms += [(plus, scale), (minus, -scale)]
         if w_obj is not None:
             terms.append((Z, w_obj.reshape(-1)))
+        if ctx.sparse_q and not (need_H and ctx.has_H):
+            grad_Q = indicator_combination_sparse(terms, nbr1, nbr2, Q.dtype)
+            return grad_U, None, None, grad_Q, None, None, None, None, None, None, None, None, None, None, None
         dP = indicator_combination(terms, nbr1, nbr2, U.dtype)
         if need_Q and ctx.has_Q:
             grad_Q = dP.to(Q.dtype)

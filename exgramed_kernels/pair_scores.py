@@ -93,12 +93,40 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(C, w1, w2, nbr1, nbr2)
 
 
+def _backward_sparse(grad, C, w1, w2, nbr1, nbr2, alpha):
+    """``pair_scores_backward`` for a sparse COO ``grad`` (the estimators' dL/dQ, a few entries per row):
+    the same sums over its entries only, in float64, with deterministic CPU index_add_."""
+    P, N, k = nbr1.shape
+    Nk = N * k
+    g = grad.coalesce() if not grad.is_coalesced() else grad
+    p, e, f = g.indices()
+    gv = g.values().to(torch.float64)
+    i, j = e // k, nbr1.reshape(P, Nk)[p, e]
+    a, b = f // k, nbr2.reshape(P, Nk)[p, f]
+    C64 = C.to(torch.float64)
+    d = (C64[p, i, a] - C64[p, i, b]) - (C64[p, j, a] - C64[p, j, b])
+    we, wf = w1[p, e].to(torch.float64), w2[p, f].to(torch.float64)
+    gw1 = torch.zeros(P * Nk, dtype=torch.float64, device=C.device).index_add_(0, p * Nk + e, alpha * gv * wf * d)
+    gw2 = torch.zeros(P * Nk, dtype=torch.float64, device=C.device).index_add_(0, p * Nk + f, alpha * gv * we * d)
+    gc = alpha * gv * we * wf
+    base = p * N * N
+    gC = torch.zeros(P * N * N, dtype=torch.float64, device=C.device)
+    gC.index_add_(0, torch.cat([base + i * N + a, base + i * N + b, base + j * N + a, base + j * N + b]),
+                  torch.cat([gc, -gc, -gc, gc]))
+    return gC.view(P, N, N).to(C.dtype), gw1.view(P, Nk).to(w1.dtype), gw2.view(P, Nk).to(w2.dtype)
+
+
 def _backward(ctx, grad):
     C, w1, w2, nbr1, nbr2 = ctx.saved_tensors
     n = ctx.needs_input_grad
     gC = gw1 = gw2 = None
     if any(n[:3]):
-        gC, gw1, gw2 = torch.ops.exgramed.pair_scores_backward(grad, C, w1, w2, nbr1, nbr2, ctx.alpha)
+        if grad.is_sparse:  # from qap_solve's estimators (align): only the matched edge pairs
+            gC, gw1, gw2 = _backward_sparse(grad, C, w1, w2, nbr1, nbr2, ctx.alpha)
+        else:
+            gC, gw1, gw2 = torch.ops.exgramed.pair_scores_backward(grad, C, w1, w2, nbr1, nbr2, ctx.alpha)
+    if grad.is_sparse and len(n) > 7 and n[7]:
+        grad = grad.to_dense()
     g_noise = grad * ctx.noise_scale if len(n) > 7 and n[7] else None
     return (gC if n[0] else None, gw1 if n[1] else None, gw2 if n[2] else None, None, None, None, None, g_noise,
             None, None)

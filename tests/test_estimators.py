@@ -87,7 +87,7 @@ def test_symmetric_imle_by_hand():
         saved_tensors=(U.detach(), NBR1, NBR2, Q.detach(), None, None, Z),
         needs_input_grad=(True, False, False, True, False, False) + (False,) * 8,
         method="fw", max_iter=50, tol=1e-6, restarts=-1, partial=False, seed=0,
-        estimator="imle_symmetric", lambda_=lam, has_Q=True, has_H=False,
+        estimator="imle_symmetric", lambda_=lam, has_Q=True, has_H=False, sparse_q=False,
     )
     out = estimators._backward(ctx, dLdZ, None)
     # Z(U + lam g) = I (margin grows), Z(U - lam g) = sigma: central difference over 2 lam.
@@ -138,3 +138,40 @@ def test_bad_estimator_arguments():
         estimators.check_estimator("imle", 0.0)
     with pytest.raises(RuntimeError, match="estimator"):
         estimators.check_estimator("reinforce", 1.0)
+
+
+def test_sparse_quadratic_gradient_into_pair_scores(monkeypatch):
+    """When Q comes straight from pair_scores (align), the estimators hand it a sparse COO dL/dQ (the
+    matched edge pairs only); every gradient equals the dense path's, and a Q from any other op still
+    gets a dense gradient."""
+    import importlib
+
+    est = importlib.import_module("exgramed_kernels.estimators")
+    g = torch.Generator().manual_seed(3)
+    P, N, k = 4, 9, 3
+    h = torch.randn(P, N, 6, generator=g, dtype=torch.float64)
+    nbr = torch.stack([torch.stack([torch.randperm(N - 1, generator=g)[:k] for _ in range(N)]) for _ in range(P)])
+    nbr = nbr + (nbr >= torch.arange(N).view(1, N, 1)).long()
+    U0 = torch.randn(P, N, N, generator=g, dtype=torch.float64)
+    C0 = torch.bmm(h, h.roll(1, 0).transpose(1, 2))
+    w0 = torch.rand(P, N * k, generator=g, dtype=torch.float64) + 0.5
+
+    def grads(sparse_ok, layout):
+        monkeypatch.setattr(est, "_sparse_grad_q_ok", est._sparse_grad_q_ok if sparse_ok else (lambda Q: False))
+        U, C, w = (t.clone().requires_grad_() for t in (U0, C0, w0))
+        Q = torch.ops.exgramed.pair_scores(C, w, w, nbr, nbr, 0.5, -0.25, None, 0.0, None)
+        seen = []
+        Q.register_hook(lambda gq: seen.append(gq.layout))
+        Z, obj = exgramed_kernels.qap_solve(U, nbr, nbr, Q, restarts=1, estimator="imle", lambda_=5.0)
+        ((Z * torch.randn(Z.shape, generator=torch.Generator().manual_seed(0), dtype=Z.dtype)).sum()
+         + obj.sum()).backward()
+        assert seen == [layout]
+        return U.grad, C.grad, w.grad
+
+    got = grads(True, torch.sparse_coo)
+    want = grads(False, torch.strided)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # Q from another op: dense, whatever the flag.
+    Qx = (C0.clone().requires_grad_() * 1.0).repeat_interleave(k, 1).repeat_interleave(k, 2).requires_grad_()
+    assert not est._sparse_grad_q_ok(Qx)
