@@ -17,7 +17,7 @@ namespace exgramed {
 
 struct LapWorkspace {
   int64_t n = -1;
-  std::vector<double> u, v, spc, dead, cost;
+  std::vector<double> u, v, spc, dist, cost;
   std::vector<int64_t> col4row, row4col, path, scanned_rows, free_rows, next_rows;
 
   void resize(int64_t n_) {
@@ -26,7 +26,7 @@ struct LapWorkspace {
     u.assign(n, 0.0);
     v.assign(n, 0.0);
     spc.assign(n, 0.0);
-    dead.assign(n, 0.0);
+    dist.assign(n, 0.0);
     col4row.assign(n, -1);
     row4col.assign(n, -1);
     path.assign(n, -1);

@@ -3,9 +3,9 @@
 //
 // The scans are written as dense, branch-free passes over the n columns so that they vectorise
 // (EXGRAMED_MULTIVERSION: AVX-512 / AVX2 clones): a column's state is a number, not a list
-// membership -- dead[j] = +inf once column j has been reached by the current shortest-path search
-// (0 before), which both freezes its distance (r + inf never improves it) and drops it from the
-// minimum. Minima are taken in 8 independent lanes (each keeping its first index), then merged, so
+// membership -- its tentative distance becomes NaN once the current shortest-path search has reached
+// it (the final distance moves to dist[j]): every comparison with NaN is false, so the column is never
+// relaxed again nor taken as the minimum. Minima are taken in 8 independent lanes (each keeping its first index), then merged, so
 // every result -- minimum, first index, tie rule -- is exactly the one of a plain sequential scan.
 #include <c10/util/Exception.h>
 
@@ -133,46 +133,66 @@ EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_
 // One step of the shortest-path search from row i (base = the distance to i minus u_i): relax every
 // live column, spc[j] = min(spc[j], base + c_ij - v_j) (path[j] = i where it improves), and return the
 // live column of least distance -- ties to a free column (row4col < 0), then to the lowest index --
-// with that distance in *lowest; -1 if no live column is reachable.
-EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, const double* dead,
-                                             const int64_t* row4col, double base, int64_t i, int64_t n, double* spc,
-                                             int64_t* path, double* lowest) {
-  double m[kLanes];
-  for (int l = 0; l < kLanes; ++l) m[l] = kInf;
+// with that distance in *lowest; -1 if no live column is reachable. A reached column has spc = NaN:
+// it compares false, so it is never relaxed, never the minimum, never equal to it.
+EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, const int64_t* row4col, double base,
+                                             int64_t i, int64_t n, double* spc, int64_t* path, double* lowest) {
+  typedef int64_t quadi __attribute__((vector_size(4 * sizeof(int64_t))));
+  const quad bq = {base, base, base, base};
+  const quadi iq = {i, i, i, i};
+  quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
   int64_t j = 0;
-  auto step = [&](int64_t jj, double& lane_min) {
-    const double r = (base + ci[jj] - v[jj]) + dead[jj];  // + 0 exact for live columns; +inf for dead ones
-    const bool lt = r < spc[jj];
-    spc[jj] = lt ? r : spc[jj];
-    path[jj] = lt ? i : path[jj];
-    const double key = spc[jj] + dead[jj];
-    lane_min = key < lane_min ? key : lane_min;
-  };
   for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) step(j + l, m[l]);
+    quad c0, c1, v0, v1, s0, s1;
+    quadi p0, p1;
+    std::memcpy(&c0, ci + j, sizeof(c0));
+    std::memcpy(&c1, ci + j + 4, sizeof(c1));
+    std::memcpy(&v0, v + j, sizeof(v0));
+    std::memcpy(&v1, v + j + 4, sizeof(v1));
+    std::memcpy(&s0, spc + j, sizeof(s0));
+    std::memcpy(&s1, spc + j + 4, sizeof(s1));
+    std::memcpy(&p0, path + j, sizeof(p0));
+    std::memcpy(&p1, path + j + 4, sizeof(p1));
+    const quad r0 = bq + c0 - v0, r1 = bq + c1 - v1;
+    const auto l0 = r0 < s0, l1 = r1 < s1;
+    s0 = l0 ? r0 : s0;
+    s1 = l1 ? r1 : s1;
+    p0 = l0 ? iq : p0;
+    p1 = l1 ? iq : p1;
+    std::memcpy(spc + j, &s0, sizeof(s0));
+    std::memcpy(spc + j + 4, &s1, sizeof(s1));
+    std::memcpy(path + j, &p0, sizeof(p0));
+    std::memcpy(path + j + 4, &p1, sizeof(p1));
+    m0 = s0 < m0 ? s0 : m0;
+    m1 = s1 < m1 ? s1 : m1;
   }
   double best = kInf;
-  for (; j < n; ++j) step(j, best);
-  for (int l = 0; l < kLanes; ++l) best = m[l] < best ? m[l] : best;
+  for (; j < n; ++j) {
+    const double r = base + ci[j] - v[j];
+    if (r < spc[j]) {
+      spc[j] = r;
+      path[j] = i;
+    }
+    best = spc[j] < best ? spc[j] : best;
+  }
+  for (int l = 0; l < 4; ++l) best = std::min({best, m0[l], m1[l]});
   *lowest = best;
   if (!(best < kInf)) return -1;
   // The live columns at distance best, a block of eight at a time (usually one in all).
-  const quad bq = {best, best, best, best}, zq = {0.0, 0.0, 0.0, 0.0};
+  const quad eq = {best, best, best, best};
   int64_t first = -1;
   auto visit = [&](int64_t jj) {
-    if (spc[jj] == best && dead[jj] == 0.0) {
+    if (spc[jj] == best) {
       if (row4col[jj] < 0) return true;
       if (first < 0) first = jj;
     }
     return false;
   };
   for (j = 0; j + kLanes <= n; j += kLanes) {
-    quad s0, s1, d0, d1;
+    quad s0, s1;
     std::memcpy(&s0, spc + j, sizeof(s0));
     std::memcpy(&s1, spc + j + 4, sizeof(s1));
-    std::memcpy(&d0, dead + j, sizeof(d0));
-    std::memcpy(&d1, dead + j + 4, sizeof(d1));
-    const auto hit = ((s0 == bq) & (d0 == zq)) | ((s1 == bq) & (d1 == zq));
+    const auto hit = (s0 == eq) | (s1 == eq);
     if ((hit[0] | hit[1] | hit[2] | hit[3]) == 0) continue;
     for (int l = 0; l < kLanes; ++l) {
       if (visit(j + l)) return j + l;
@@ -184,11 +204,11 @@ EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, 
   return first;
 }
 
-// After a search that reached the columns with dead[j] != 0 at distance spc[j] (sink at min_val):
-// v_j -= min_val - spc_j on those columns (keeps reduced costs >= 0 and the new path tight).
-EXGRAMED_MULTIVERSION void update_column_duals(const double* dead, const double* spc, double min_val, int64_t n,
+// After a search that reached the columns with spc[j] = NaN, at distance dist[j] (sink at min_val):
+// v_j -= min_val - dist_j on those columns (keeps reduced costs >= 0 and the new path tight).
+EXGRAMED_MULTIVERSION void update_column_duals(const double* spc, const double* dist, double min_val, int64_t n,
                                                double* v) {
-  for (int64_t j = 0; j < n; ++j) v[j] = dead[j] != 0.0 ? v[j] - (min_val - spc[j]) : v[j];
+  for (int64_t j = 0; j < n; ++j) v[j] = spc[j] != spc[j] ? v[j] - (min_val - dist[j]) : v[j];
 }
 
 // Jonker-Volgenant's augmenting row reduction (two passes) on the free rows left by the greedy row
@@ -259,7 +279,8 @@ void lap_impl(const double* score, const double* score2, int64_t n, bool maximiz
   double* u = ws.u.data();
   double* v = ws.v.data();
   double* spc = ws.spc.data();
-  double* dead = ws.dead.data();
+  double* dist = ws.dist.data();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
   // Row reduction against v, with greedy tight assignments.
   for (int64_t i = 0; i < n; ++i) {
     int64_t bj = -1;
@@ -274,18 +295,18 @@ void lap_impl(const double* score, const double* score2, int64_t n, bool maximiz
   for (int64_t cur = 0; cur < n; ++cur) {
     if (ws.col4row[cur] >= 0) continue;
     std::fill(spc, spc + n, kInf);
-    std::fill(dead, dead + n, 0.0);
     ws.scanned_rows.clear();
     double min_val = 0.0;
     int64_t i = cur, sink = -1;
     while (sink < 0) {
       ws.scanned_rows.push_back(i);
       double lowest = kInf;
-      const int64_t j = relax_and_pick(cm + i * n, v, dead, ws.row4col.data(), min_val - u[i], i, n, spc,
-                                       ws.path.data(), &lowest);
+      const int64_t j =
+          relax_and_pick(cm + i * n, v, ws.row4col.data(), min_val - u[i], i, n, spc, ws.path.data(), &lowest);
       TORCH_CHECK(j >= 0, "linear_assignment: no finite assignment exists");
       min_val = lowest;
-      dead[j] = kInf;
+      dist[j] = lowest;
+      spc[j] = nan;  // reached
       if (ws.row4col[j] < 0) {
         sink = j;
       } else {
@@ -294,9 +315,9 @@ void lap_impl(const double* score, const double* score2, int64_t n, bool maximiz
     }
     u[cur] += min_val;
     for (const int64_t r : ws.scanned_rows) {
-      if (r != cur) u[r] += min_val - spc[ws.col4row[r]];
+      if (r != cur) u[r] += min_val - dist[ws.col4row[r]];
     }
-    update_column_duals(dead, spc, min_val, n, v);
+    update_column_duals(spc, dist, min_val, n, v);
     int64_t j = sink;
     while (true) {
       const int64_t r = ws.path[j];
