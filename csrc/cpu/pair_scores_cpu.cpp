@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "huge_pages.h"
 #include "multiversion.h"
 #include "pair_scores.h"
 
@@ -25,6 +26,7 @@ at::Tensor pair_scores_cpu(const at::Tensor& C, const at::Tensor& w1, const at::
   const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
   at::Tensor out = at::empty({P, Nk, Nk}, C.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out.data_ptr(), out.nbytes());  // before the first write
   const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor t1 = nbr1.contiguous(), t2 = nbr2.contiguous();
   const at::Tensor nz = a.has_noise ? noise->to(C.scalar_type()).contiguous() : at::Tensor();
