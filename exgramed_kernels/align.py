@@ -153,37 +153,26 @@ def _edge_cosines(h1: torch.Tensor, h2: torch.Tensor, nbr1: torch.Tensor, nbr2: 
     ~1e-5 for edges a tenth of |h| long), far below the noise the scores carry.
     """
     C = torch.bmm(h1, h2.transpose(1, 2))
-    w1 = _inverse_edge_lengths(_gram64(h1), nbr1).to(C.dtype)
-    w2 = _inverse_edge_lengths(_gram64(h2), nbr2).to(C.dtype)
+    w1 = _inverse_edge_lengths(h1, nbr1)
+    w2 = _inverse_edge_lengths(h2, nbr2)
     return torch.ops.exgramed.pair_scores(C, w1, w2, nbr1, nbr2, 1.0, 0.0, None, 0.0, None)
 
 
-def _gram64(h: torch.Tensor) -> torch.Tensor:
-    """``h h^T`` in float64: ``[G, N, h] -> [G, N, N]`` (fp32 products are exact in fp64)."""
-    h64 = h.to(torch.float64)
-    return torch.bmm(h64, h64.transpose(1, 2))
-
-
-def _inverse_edge_lengths(gram: torch.Tensor, nbr: torch.Tensor, edge_floor: float = 0.0) -> torch.Tensor:
-    """``1 / max(|h_i - h_j|, 1e-12)`` per edge (F.normalize's convention) from the float64 Gram matrix,
-    ``|h_i - h_j|^2 = G_ii + G_jj - 2 G_ij``: ``[G, N, N], [G, N, k] -> [G, N k]`` float64.
-
-    No ``[G, N k, h]`` edge vectors: O(N k) gathers from the Gram matrix, whose float64 sums keep
-    the difference accurate to ~1e-13 |h|^2 (edges 1e-6 |h| long still have 1e-1 relative accuracy).
+def _inverse_edge_lengths(h: torch.Tensor, nbr: torch.Tensor, edge_floor: float = 0.0) -> torch.Tensor:
+    """``1 / max(|h_i - h_j|, 1e-12)`` per kNN edge (F.normalize's convention): ``[G, N, h], [G, N, k] ->
+    [G, N k]`` in h's dtype, the squared lengths from ``edge_sq_norms`` (the differences themselves, float64
+    sums: no cancellation, O(N k h); the Gram form ``G_ii + G_jj - 2 G_ij`` needed a float64 ``N x N x h``
+    GEMM per graph, forward and backward, for the same accuracy).
 
     ``edge_floor`` > 0: ``1 / sqrt(|h_i - h_j|^2 + (edge_floor * r)^2)`` with r the graph's RMS node
     norm (no gradient through r). Edges much shorter than ``edge_floor * r`` then have edge features
     shorter than 1 instead of unit directions amplified by ``1 / |h_i - h_j|``: the gradient through
     the edge normalisation is bounded by ``1 / (edge_floor r)``, whatever the batch's spread.
     """
-    G, N, k = nbr.shape
-    diag = gram.diagonal(dim1=1, dim2=2)  # [G, N]
-    tails = nbr.reshape(G, N * k)
-    heads = torch.arange(N, device=nbr.device).repeat_interleave(k).expand(G, N * k)
-    cross = torch.gather(gram.reshape(G, N * N), 1, heads * N + tails)
-    d2 = torch.gather(diag, 1, heads) + torch.gather(diag, 1, tails) - 2 * cross
+    d2 = torch.ops.exgramed.edge_sq_norms(h, nbr)
     if edge_floor > 0:
-        return (d2.clamp_min(0) + edge_floor ** 2 * diag.detach().mean(1, keepdim=True)).clamp_min(1e-24).rsqrt()
+        r2 = h.detach().square().sum(-1).mean(1, keepdim=True)
+        return (d2 + edge_floor ** 2 * r2).clamp_min(1e-24).rsqrt()
     return d2.clamp_min(1e-24).rsqrt()
 
 
@@ -241,13 +230,12 @@ def problem_scores(h, nbr, src, dst, copy_structure, quadratic_noise=None, noise
     U = cos - 0.5
     # Edge lengths once per graph (each graph sits in several problems); with copied structure,
     # graph 2's edges follow graph 1's table, so its lengths are per problem.
-    gram = _gram64(h)
-    w = _inverse_edge_lengths(gram, nbr, edge_floor)
-    w2 = _inverse_edge_lengths(gram[dst], nbr2, edge_floor) if copy_structure else w[dst]
+    w = _inverse_edge_lengths(h, nbr, edge_floor)
+    w2 = _inverse_edge_lengths(h[dst], nbr2, edge_floor) if copy_structure else w[dst]
     # The cross Gram h1 h2^T from the cosines and the norms: no second [P, N, N, h] GEMM (nor its
     # two in the backward); the same float32 rounding class as the direct product.
     C = cos * norms[src].unsqueeze(2) * norms[dst].unsqueeze(1)
-    Q = torch.ops.exgramed.pair_scores(C, w[src].to(C.dtype), w2.to(C.dtype), nbr1, nbr2, 0.5, -0.25,
+    Q = torch.ops.exgramed.pair_scores(C, w[src], w2, nbr1, nbr2, 0.5, -0.25,
                                        quadratic_noise, 0.5 * noise_scale, noise_seed)
     return U, Q, nbr1, nbr2
 

@@ -38,7 +38,7 @@ echo "build rc=$build_rc in $(( SECONDS - t0 )) s"
 $PY - <<'EOF'
 import torch, exgramed_kernels as ek
 from exgramed_kernels.testing import has_kernel
-ops = ["knn_graph", "graph_conv_forward", "graph_conv_backward", "graph_conv_stacked", "linear_assignment", "qap_solve", "qap_gradient", "pair_scores", "pair_scores_backward"]
+ops = ["knn_graph", "graph_conv_forward", "graph_conv_backward", "graph_conv_stacked", "linear_assignment", "qap_solve", "qap_gradient", "pair_scores", "pair_scores_backward", "edge_sq_norms", "edge_sq_norms_backward"]
 print("extension:", ek.HAS_EXTENSION, "| CUDA kernels:", {op: has_kernel(op, "CUDA") for op in ops})
 EOF
 if [[ $build_rc != 0 ]]; then echo "BUILD FAILED (see $OUT/build.log)"; grep -m 20 -i "error" "$OUT/build.log"; fi

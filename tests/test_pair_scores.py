@@ -137,19 +137,63 @@ def test_opcheck():
                           (torch.randn(2, 10, 10), C.detach(), w1.detach(), w2, n1, n2, 0.5))
 
 
-def test_gram_edge_lengths_match_direct():
-    from exgramed_kernels.align import _gram64, _inverse_edge_lengths
+def test_inverse_edge_lengths_match_definition():
+    """align's edge weights 1 / |h_i - h_j| from edge_sq_norms: short edges next to large norms stay exact."""
+    from exgramed_kernels.align import _inverse_edge_lengths
 
     gen = torch.Generator().manual_seed(7)
-    h = torch.randn(3, 11, 16, generator=gen) * 100  # large norms: the float64 Gram keeps short edges exact
+    h = torch.randn(3, 11, 16, generator=gen) * 100  # large norms next to a short edge
     h[0, 3] = h[0, 5] + 1e-3  # an edge 1e-5 |h| long
     nbr = torch.randint(0, 11, (3, 11, 3), generator=gen)
     nbr[0, 3, 0] = 5
     want = 1.0 / (h.double().repeat_interleave(3, 1) - torch.gather(
         h.double(), 1, nbr.reshape(3, 33, 1).expand(3, 33, 16))).norm(dim=-1).clamp_min(1e-12)
-    got = _inverse_edge_lengths(_gram64(h), nbr)
+    got = _inverse_edge_lengths(h, nbr)
+    assert got.dtype == torch.float32
     assert rel_err(got[want < 1e11], want[want < 1e11]) < 1e-6
-    assert abs(float(got[0, 9]) / float(want[0, 9]) - 1) < 1e-3  # the short edge
+    assert abs(float(got[0, 9]) / float(want[0, 9]) - 1) < 1e-5  # the short edge
+    r2 = h.double().square().sum(-1).mean(1, keepdim=True)  # the floor: (floor r)^2 added, r the RMS norm
+    assert rel_err(_inverse_edge_lengths(h, nbr, 0.1), (want.pow(-2) + 0.01 * r2).rsqrt()) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("G, N, k, h", [(1, 1, 1, 1), (2, 7, 3, 5), (3, 13, 5, 33), (1, 4, 4, 0)])
+def test_edge_sq_norms_matches_reference(device, dtype, G, N, k, h):
+    """Forward and backward against the float64 reference, self loops and repeated neighbours included."""
+    gen = torch.Generator().manual_seed(G * 100 + N * 10 + k)
+    x = torch.randn(G, N, h, generator=gen, dtype=torch.float64)
+    nbr = torch.randint(0, N, (G, N, k), generator=gen)
+    g = torch.randn(G, N * k, generator=gen, dtype=torch.float64)
+    g[:, ::3] = 0  # zero gradients are skipped by the CPU kernel
+    xd = x.to(device, dtype).requires_grad_()
+    got = ek.edge_sq_norms(xd, nbr.to(device))
+    assert got.dtype == dtype and got.shape == (G, N * k)
+    (got.double() * g.to(device)).sum().backward()
+    xr = x.to(dtype).double().requires_grad_()  # the reference on the same rounded inputs
+    want = reference.edge_sq_norms(xr, nbr)
+    (want * g).sum().backward()
+    tol = 1e-2 if dtype == torch.bfloat16 else (1e-6 if dtype == torch.float32 else 1e-12)
+    assert rel_err(got.detach().double().cpu(), want.detach()) < tol
+    assert rel_err(xd.grad.double().cpu(), xr.grad) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_sq_norms_opcheck_and_errors(device):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 5, generator=gen).to(device)
+    nbr = torch.randint(0, 6, (2, 6, 3), generator=gen).to(device)
+    torch.library.opcheck(torch.ops.exgramed.edge_sq_norms.default, (x.requires_grad_(), nbr))
+    torch.library.opcheck(torch.ops.exgramed.edge_sq_norms_backward.default,
+                          (torch.randn(2, 18, generator=gen).to(device), x.detach(), nbr))
+    with pytest.raises(RuntimeError, match="h must have shape"):
+        ek.edge_sq_norms(x[0], nbr)
+    with pytest.raises(RuntimeError, match="nbr must be int64"):
+        ek.edge_sq_norms(x, nbr.int())
+    with pytest.raises(RuntimeError, match="entries must lie in"):
+        ek.edge_sq_norms(x, nbr + 6)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        ek.edge_sq_norms(x.long(), nbr)
 
 
 def test_compile_fullgraph():

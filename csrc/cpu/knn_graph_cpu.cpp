@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "multiversion.h"
+#include "row_reductions.h"
 #include "knn_graph.h"
 
 namespace exgramed {
@@ -29,41 +30,6 @@ inline int64_t insert_sorted(T* dist, int64_t* idx, int64_t n, int64_t cap, T d,
   dist[p] = d;
   idx[p] = j;
   return n < cap ? n + 1 : n;
-}
-
-// Exact fp64 distance of two rows. target_clones compiles an AVX2/FMA copy next to the
-// baseline one and picks at load time, so the fp64 loop vectorises where the CPU allows.
-
-// Eight independent partial sums let the fp64 reduction vectorise without -ffast-math
-// (a fixed order, so results stay deterministic).
-template <typename T, bool kDiff>
-inline double reduce8(const T* a, const T* b, int64_t d) {
-  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t t = 0;
-  for (; t + 8 <= d; t += 8) {
-    for (int u = 0; u < 8; ++u) {
-      const double x = static_cast<double>(a[t + u]), y = static_cast<double>(b[t + u]);
-      part[u] += kDiff ? (x - y) * (x - y) : x * y;
-    }
-  }
-  for (; t < d; ++t) {
-    const double x = static_cast<double>(a[t]), y = static_cast<double>(b[t]);
-    part[0] += kDiff ? (x - y) * (x - y) : x * y;
-  }
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
-EXGRAMED_MULTIVERSION double sq_dist_f32(const float* a, const float* b, int64_t d) {
-  return reduce8<float, true>(a, b, d);
-}
-EXGRAMED_MULTIVERSION double dot_f32(const float* a, const float* b, int64_t d) {
-  return reduce8<float, false>(a, b, d);
-}
-EXGRAMED_MULTIVERSION double sq_dist_f64(const double* a, const double* b, int64_t d) {
-  return reduce8<double, true>(a, b, d);
-}
-EXGRAMED_MULTIVERSION double dot_f64(const double* a, const double* b, int64_t d) {
-  return reduce8<double, false>(a, b, d);
 }
 
 template <typename acc_t>

@@ -72,11 +72,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cuda(const a
   return pair_scores_backward_aten(grad, C, w1, w2, nbr1, nbr2, alpha);
 }
 
+// edge_sq_norms on CUDA: the ATen composites of pair_scores.h (gathers, a reduction, and a batched GEMM
+// with the one-hot tail matrix in the backward: deterministic).
+at::Tensor edge_sq_norms_cuda(const at::Tensor& h, const at::Tensor& nbr) {
+  const c10::cuda::CUDAGuard guard(h.device());
+  check_edge_sq_norms_args(h, nbr, "edge_sq_norms");
+  return edge_sq_norms_aten(h, nbr);
+}
+
+at::Tensor edge_sq_norms_backward_cuda(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
+  const c10::cuda::CUDAGuard guard(h.device());
+  check_edge_sq_norms_args(h, nbr, "edge_sq_norms_backward");
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == h.size(0) && grad.size(1) == h.size(1) * nbr.size(2),
+              "edge_sq_norms_backward: grad must have shape [G, N*k] = [", h.size(0), ", ", h.size(1) * nbr.size(2),
+              "], got ", grad.sizes());
+  check_same_device(grad, "grad", h, "h");
+  return edge_sq_norms_backward_aten(grad, h, nbr);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(exgramed, CUDA, m) {
   m.impl("pair_scores", &pair_scores_cuda);
   m.impl("pair_scores_backward", &pair_scores_backward_cuda);
+  m.impl("edge_sq_norms", &edge_sq_norms_cuda);
+  m.impl("edge_sq_norms_backward", &edge_sq_norms_backward_cuda);
 }
 
 }  // namespace exgramed

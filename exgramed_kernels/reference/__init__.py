@@ -9,4 +9,4 @@ from .graph_conv import graph_conv  # noqa: F401
 from .assignment import linear_assignment  # noqa: F401
 from .qap import implicit_q, qap_gradient, qap_objective, qap_solve  # noqa: F401
 from .align import align, edge_pair_indicator, hamming_loss, problem_graphs  # noqa: F401
-from .pair_scores import gumbel_noise, pair_scores  # noqa: F401
+from .pair_scores import edge_sq_norms, gumbel_noise, pair_scores  # noqa: F401

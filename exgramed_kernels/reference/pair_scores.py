@@ -79,3 +79,11 @@ def pair_scores(C, w1, w2, nbr1, nbr2, alpha=1.0, beta=0.0, noise=None, noise_sc
     elif noise_seed is not None:
         Q = Q + noise_scale * gumbel_noise(int(noise_seed), P, Nk).to(device=Q.device, dtype=Q.dtype)
     return Q
+
+
+def edge_sq_norms(h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """Squared kNN edge lengths ``|h_i - h_j|^2`` for edge ``(i, j = nbr[g, i, s])`` at ``i * k + s``:
+    ``[G, N, h], [G, N, k] -> [G, N k]`` (differentiable; the reference of ``edge_sq_norms``)."""
+    G, N, k = nbr.shape
+    tails = torch.gather(h, 1, nbr.reshape(G, N * k, 1).expand(G, N * k, h.shape[-1]))
+    return (h.repeat_interleave(k, 1) - tails).square().sum(-1)
