@@ -5,8 +5,9 @@
 // (EXGRAMED_MULTIVERSION: AVX-512 / AVX2 clones): a column's state is a number, not a list
 // membership -- its tentative distance becomes NaN once the current shortest-path search has reached
 // it (the final distance moves to dist[j]): every comparison with NaN is false, so the column is never
-// relaxed again nor taken as the minimum. Minima are taken in 8 independent lanes (each keeping its first index), then merged, so
-// every result -- minimum, first index, tie rule -- is exactly the one of a plain sequential scan.
+// relaxed again nor taken as the minimum. Minima are taken in 8 independent lanes, each keeping its
+// first index (and its tie rule), then merged: every result -- minimum, first index, tie rule -- is
+// exactly the one of a plain sequential scan, in one pass.
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -23,6 +24,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int kLanes = 8;
 // Four doubles (GCC/Clang vector extension): AVX2's width; two of them make the eight lanes.
 typedef double quad __attribute__((vector_size(4 * sizeof(double))));
+typedef int64_t quadi __attribute__((vector_size(4 * sizeof(int64_t))));  // lanes of indices / masks
 
 // The cost matrix c = sign * s, s = a (+ b) (max(s, 0) with clamp): formed once, the scans read it many times.
 EXGRAMED_MULTIVERSION void form_costs(const double* a, const double* b, int64_t nn, double sign, bool clamp,
@@ -86,48 +88,57 @@ EXGRAMED_MULTIVERSION double reduced_min_first(const double* c, const double* v,
 }
 
 // The two smallest of h = c - v in one pass: (u1, j1) the minimum and its first index, (u2, j2) the
-// minimum over j != j1 and its first index (u2 = +inf, j2 = -1 for n = 1). Each lane keeps its two
-// smallest (m2 = min(m2, max(m1, h)), m1 = min(m1, h)); the global two are among them.
+// minimum over j != j1 and its first index (u2 = +inf, j2 = -1 for n = 1). Each lane runs the
+// sequential two-smallest scan (strict <: first indices) on its columns; the global pair is the best
+// lane minimum, then the best of the other lanes' minima and the winning lane's second.
 EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_t n, double* u1, int64_t* j1,
                                         double* u2, int64_t* j2) {
-  quad a0 = {kInf, kInf, kInf, kInf}, a1 = a0, b0 = a0, b1 = a0;  // lanes' smallest (a) and second (b)
+  quad a[2] = {{kInf, kInf, kInf, kInf}, {kInf, kInf, kInf, kInf}}, b[2] = {a[0], a[0]};
+  quadi ai[2] = {{-1, -1, -1, -1}, {-1, -1, -1, -1}}, bi[2] = {ai[0], ai[0]};
+  quadi jv[2] = {{0, 1, 2, 3}, {4, 5, 6, 7}};
+  const quadi step = {kLanes, kLanes, kLanes, kLanes};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    quad c0, c1, v0, v1;
-    std::memcpy(&c0, c + j, sizeof(c0));
-    std::memcpy(&c1, c + j + 4, sizeof(c1));
-    std::memcpy(&v0, v + j, sizeof(v0));
-    std::memcpy(&v1, v + j + 4, sizeof(v1));
-    const quad h0 = c0 - v0, h1 = c1 - v1;
-    b0 = (a0 > h0 ? a0 : h0) < b0 ? (a0 > h0 ? a0 : h0) : b0;
-    b1 = (a1 > h1 ? a1 : h1) < b1 ? (a1 > h1 ? a1 : h1) : b1;
-    a0 = h0 < a0 ? h0 : a0;
-    a1 = h1 < a1 ? h1 : a1;
+    for (int q = 0; q < 2; ++q) {
+      quad cq, vq;
+      std::memcpy(&cq, c + j + 4 * q, sizeof(cq));
+      std::memcpy(&vq, v + j + 4 * q, sizeof(vq));
+      const quad h = cq - vq;
+      const auto la = h < a[q], lb = h < b[q];
+      b[q] = la ? a[q] : (lb ? h : b[q]);
+      bi[q] = la ? ai[q] : (lb ? jv[q] : bi[q]);
+      a[q] = la ? h : a[q];
+      ai[q] = la ? jv[q] : ai[q];
+      jv[q] += step;
+    }
   }
-  double m1 = kInf, m2 = kInf;  // the two smallest of the multiset of lane values and the tail
-  auto add = [&](double x) {
-    if (x < m1) {
+  // (value, index) candidates: the lanes' two smallest and the tail, ordered by (value, index).
+  double m1 = kInf, m2 = kInf;
+  int64_t k1 = -1, k2 = -1;
+  auto before = [](double x, int64_t ix, double y, int64_t iy) { return iy < 0 || x < y || (x == y && ix < iy); };
+  auto add = [&](double x, int64_t ix) {
+    if (ix < 0) return;
+    if (before(x, ix, m1, k1)) {
       m2 = m1;
+      k2 = k1;
       m1 = x;
-    } else if (x < m2) {
+      k1 = ix;
+    } else if (before(x, ix, m2, k2)) {
       m2 = x;
+      k2 = ix;
     }
   };
-  for (int l = 0; l < 4; ++l) {
-    add(a0[l]);
-    add(b0[l]);
-    add(a1[l]);
-    add(b1[l]);
+  for (int q = 0; q < 2; ++q) {
+    for (int l = 0; l < 4; ++l) {
+      add(a[q][l], ai[q][l]);
+      add(b[q][l], bi[q][l]);
+    }
   }
-  for (; j < n; ++j) add(c[j] - v[j]);
+  for (; j < n; ++j) add(c[j] - v[j], j);
   *u1 = m1;
+  *j1 = k1;
   *u2 = m2;
-  *j1 = first_reduced_equal(c, v, n, 0, m1);
-  if (!(m2 < kInf)) {
-    *j2 = -1;
-  } else {
-    *j2 = m2 == m1 ? first_reduced_equal(c, v, n, *j1 + 1, m2) : first_reduced_equal(c, v, n, 0, m2);
-  }
+  *j2 = k2;
 }
 
 // One step of the shortest-path search from row i (base = the distance to i minus u_i): relax every
@@ -137,7 +148,6 @@ EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_
 // it compares false, so it is never relaxed, never the minimum, never equal to it.
 EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, const int64_t* row4col, double base,
                                              int64_t i, int64_t n, double* spc, int64_t* path, double* lowest) {
-  typedef int64_t quadi __attribute__((vector_size(4 * sizeof(int64_t))));
   const quad bq = {base, base, base, base};
   const quadi iq = {i, i, i, i};
   quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
