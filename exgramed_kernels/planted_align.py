@@ -102,7 +102,7 @@ def run_planted(steps: int = 300, B: int = 16, K: int = 3, latent: int = 8, in_d
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        res.loss.append(float(out.loss))
+        res.loss.append(float(out.loss.detach()))
         if step % eval_every == 0 or step == steps:
             res.steps.append(step)
             evaluate()

@@ -1,8 +1,10 @@
 // qap_solve and qap_gradient, CPU kernels. One task per (problem, start), tasks in parallel;
 // each task runs Frank-Wolfe (or graduated assignment) single-threaded in float64 with its
 // own linear-assignment workspace (warm-started from the previous iteration's column
-// potentials), then 2-opt. The per-iteration hot spot is the gradient of the quadratic term,
-// one pass over the dense Q table (2 multiply-adds per entry, contiguous in f).
+// potentials), then 2-opt. Frank-Wolfe reads the dense Q table once per problem (grad q(J/N),
+// shared by the problem's starts); every later gradient follows by linearity from the O(N k^2)
+// gradient of the oracle's vertex, so an iteration costs the linear assignment plus O(N^2) passes.
+// Graduated assignment recomputes the dense gradient every iteration.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
