@@ -42,6 +42,17 @@ EXGRAMED_MULTIVERSION void form_costs(const double* a, const double* b, int64_t 
   }
 }
 
+// h = c - v on the eight columns j .. j + 7, as two quads.
+inline void reduced8(const double* c, const double* v, int64_t j, quad& h0, quad& h1) {
+  quad c0, c1, v0, v1;
+  std::memcpy(&c0, c + j, sizeof(c0));
+  std::memcpy(&c1, c + j + 4, sizeof(c1));
+  std::memcpy(&v0, v + j, sizeof(v0));
+  std::memcpy(&v1, v + j + 4, sizeof(v1));
+  h0 = c0 - v0;
+  h1 = c1 - v1;
+}
+
 // The first j >= from with c_j - v_j == value (-1 if none), a block of eight at a time.
 EXGRAMED_MULTIVERSION int64_t first_reduced_equal(const double* c, const double* v, int64_t n, int64_t from,
                                                   double value) {
@@ -51,12 +62,9 @@ EXGRAMED_MULTIVERSION int64_t first_reduced_equal(const double* c, const double*
   }
   const quad bq = {value, value, value, value};
   for (; j + kLanes <= n; j += kLanes) {
-    quad c0, c1, v0, v1;
-    std::memcpy(&c0, c + j, sizeof(c0));
-    std::memcpy(&c1, c + j + 4, sizeof(c1));
-    std::memcpy(&v0, v + j, sizeof(v0));
-    std::memcpy(&v1, v + j + 4, sizeof(v1));
-    const auto hit = (c0 - v0 == bq) | (c1 - v1 == bq);
+    quad h0, h1;
+    reduced8(c, v, j, h0, h1);
+    const auto hit = (h0 == bq) | (h1 == bq);
     if ((hit[0] | hit[1] | hit[2] | hit[3]) != 0) break;
   }
   for (; j < n; ++j) {
@@ -71,12 +79,8 @@ EXGRAMED_MULTIVERSION double reduced_min_first(const double* c, const double* v,
   quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    quad c0, c1, v0, v1;
-    std::memcpy(&c0, c + j, sizeof(c0));
-    std::memcpy(&c1, c + j + 4, sizeof(c1));
-    std::memcpy(&v0, v + j, sizeof(v0));
-    std::memcpy(&v1, v + j + 4, sizeof(v1));
-    const quad h0 = c0 - v0, h1 = c1 - v1;
+    quad h0, h1;
+    reduced8(c, v, j, h0, h1);
     m0 = h0 < m0 ? h0 : m0;
     m1 = h1 < m1 ? h1 : m1;
   }
@@ -99,11 +103,10 @@ EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_
   const quadi step = {kLanes, kLanes, kLanes, kLanes};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
+    quad hq[2];
+    reduced8(c, v, j, hq[0], hq[1]);
     for (int q = 0; q < 2; ++q) {
-      quad cq, vq;
-      std::memcpy(&cq, c + j + 4 * q, sizeof(cq));
-      std::memcpy(&vq, v + j + 4 * q, sizeof(vq));
-      const quad h = cq - vq;
+      const quad h = hq[q];
       const auto la = h < a[q], lb = h < b[q];
       b[q] = la ? a[q] : (lb ? h : b[q]);
       bi[q] = la ? ai[q] : (lb ? jv[q] : bi[q]);
