@@ -500,11 +500,7 @@ class MultiGraphAlignment(nn.Module):
             o["edge_floor"])
         with torch.no_grad():
             diag = Z.diagonal(dim1=1, dim2=2).to(torch.float32).mean(-1).reshape(S, P).mean(0)  # [P]
-            member = torch.zeros(P, K, device=dev)
-            for p in range(P):
-                for g in (src[p], dst[p]):
-                    if g < K:
-                        member[p, g] = 1.0
+            member = torch.tensor([[float(g in (src[p], dst[p])) for g in range(K)] for p in range(P)], device=dev)
             accuracy = (diag[:, None] * member).sum(0) / member.sum(0)
         return AlignmentOutput(loss=loss, accuracy=accuracy, Z=Z, noise_scale=scale)
 

@@ -34,4 +34,5 @@ def triton_available() -> bool:
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max |a - ref| / max(max |ref|, tiny), computed in float64."""
     a, ref = a.double(), ref.double()
+    a, ref = a.detach(), ref.detach()
     return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-300)) if ref.numel() else 0.0
