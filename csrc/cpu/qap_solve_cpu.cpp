@@ -215,19 +215,20 @@ double objective_perm(const Problem<qt>& p, const int64_t* perm) {
   return dot_perm(p.U, perm, p.N) + quad_perm(p, perm);
 }
 
-// Per-task scratch.
+// Per-task scratch. gf, xg and L serve graduated assignment only (its dense gradient and Sinkhorn
+// matrix: ~5 MB at N = 256, zero-filled, so not allocated for Frank-Wolfe or 2-opt).
 struct Work {
   LapWorkspace lap, lap2;
-  std::vector<double> X, gq, gf, xg, S, L, colmax;
+  std::vector<double> X, gq, gf, xg, L;
   std::vector<int64_t> P, best, ext;
-  void resize(int64_t N, int64_t k) {
+  void resize(int64_t N, int64_t k, bool annealing) {
     X.resize(N * N);
     gq.resize(N * N);
-    gf.resize(N * N);
-    S.resize(N * N);
-    xg.resize(N * N * std::max<int64_t>(k, 1));
-    L.resize(4 * N * N);
-    colmax.resize(2 * N);
+    if (annealing) {
+      gf.resize(N * N);
+      xg.resize(N * N * std::max<int64_t>(k, 1));
+      L.resize(4 * N * N);
+    }
     P.resize(N);
     best.resize(N);
     ext.resize(2 * N);
@@ -471,8 +472,8 @@ double polish(const Problem<qt>& p, Work& w) {
 }
 
 // Start r: 0 the barycenter J/N (or the given init vertex), 1 the vertex LAP(U), r >= 2 the
-// midpoint of J/N and a random permutation. g0: grad q(J/N) of the problem (Frank-Wolfe; the
-// starts' gradients follow from it by linearity), or null to compute it here.
+// midpoint of J/N and a random permutation. g0: grad q(J/N) of the problem, for Frank-Wolfe's
+// non-vertex starts (their gradients follow from it by linearity); null when no start needs it.
 template <typename qt>
 void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, int64_t max_iter, double tol,
                 int64_t seed, const int64_t* init, const double* g0, Work& w, int64_t* out_perm, double* out_f) {
@@ -510,15 +511,7 @@ void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, in
       keep_if_better(p, start.data(), objective_perm(p, start.data()), best_f, w.best.data());  // first: wins ties
       grad_q_perm(p, start.data(), w.gq.data());
     } else {
-      if (g0 == nullptr) {
-        std::fill(w.X.begin(), w.X.begin() + NN, 1.0 / N);
-        grad_q(p, w.X.data(), w.S.data(), w.xg.data());
-        g0 = w.S.data();
-        std::fill(w.X.begin(), w.X.begin() + NN, r == 0 ? 1.0 / N : 0.5 / N);
-        if (r >= 2) {
-          for (int64_t i = 0; i < N; ++i) w.X[i * N + start[i]] += 0.5;
-        }
-      }
+      TORCH_INTERNAL_ASSERT(g0 != nullptr, "qap_solve: a start at J/N needs grad q(J/N)");
       if (r == 0) {
         std::copy(g0, g0 + NN, w.gq.begin());
       } else {  // grad q(J / 2N + P / 2) = grad q(J/N) / 2 + grad q(P) / 2
@@ -588,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::
     }
     at::parallel_for(0, G * R, 1, [&](int64_t t0, int64_t t1) {
       Work w;
-      w.resize(N, k);
+      w.resize(N, k, in.method == QapMethod::Sinkhorn);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t g = task / R, r = task % R;
         const int64_t* init_g = in.init.defined() ? in.init.data_ptr<int64_t>() + g * N : nullptr;
@@ -677,7 +670,7 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_batched_cpu(
     h.polish = [&](at::Tensor& pm, const at::Tensor&) {
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         Work w;
-        w.resize(N, k);
+        w.resize(N, k, /*annealing=*/false);  // 2-opt only
         for (int64_t b = b0; b < b1; ++b) {
           int64_t* row = pm.data_ptr<int64_t>() + b * N;
           std::copy(row, row + N, w.best.begin());
