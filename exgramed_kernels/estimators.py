@@ -67,30 +67,35 @@ def edge_pair_indicator(Z: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor)
     return za * zb
 
 
+def _indicator_candidates(Z, weight, nbr1, nbr2, dtype):
+    """The candidate entries of ``weight * edge_pair_indicator(Z)`` for a 0/1 matching ``Z [G, N, N]``: edge
+    ``e = (i, j)`` pairs with the out-edge ``t`` of ``a = Z(i)``, hit when it ends at ``b = Z(j)``.
+    Returns ``(cols, vals, hit)``, each ``[G, N k, k]``: column ``a k + t``, ``weight`` where hit (else 0)."""
+    G, N, k = nbr1.shape
+    Nk = N * k
+    perm = matching_of(Z)
+    a = perm.repeat_interleave(k, dim=1)  # [G, Nk]: the column of the head i of each edge e
+    b = torch.gather(perm, 1, nbr1.reshape(G, Nk))  # the column of its tail j
+    a0 = a.clamp_min(0)
+    ends = torch.gather(nbr2, 1, a0.unsqueeze(2).expand(G, Nk, k))  # [G, Nk, k]: out-neighbours of a
+    hit = (ends == b.unsqueeze(2)) & (a >= 0).unsqueeze(2) & (b >= 0).unsqueeze(2)
+    w = torch.as_tensor(weight, dtype=dtype, device=nbr1.device).reshape(-1, 1, 1)
+    cols = a0.unsqueeze(2) * k + torch.arange(k, device=nbr1.device)
+    return cols, hit.to(dtype) * w, hit
+
+
 def indicator_combination(terms, nbr1: torch.Tensor, nbr2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``sum_t weight_t * edge_pair_indicator(Z_t)`` for 0/1 matchings ``Z_t [G, N, N]``, weights scalars or ``[G]``.
 
-    A matching's indicator has at most ``N k`` non-zeros per problem (edge ``e = (i, j)`` pairs with
-    the out-edge of ``a = Z(i)`` that ends at ``b = Z(j)``, if any), so it is scattered from a fixed-shape
-    ``[G, N k, k]`` candidate table (zero where there is no such edge) into zeros: one write of the
-    ``[G, N k, N k]`` result instead of several dense products. Deterministic on the CPU.
+    A matching's indicator has at most ``N k`` non-zeros per problem (:func:`_indicator_candidates`), so it
+    is scattered from a fixed-shape ``[G, N k, k]`` candidate table (zero where there is no such edge) into
+    zeros: one write of the ``[G, N k, N k]`` result instead of several dense products. Deterministic on
+    the CPU.
     """
     G, N, k = nbr1.shape
-    Nk = N * k
-    cols, vals = [], []
-    t = torch.arange(k, device=nbr1.device)
-    for Z, weight in terms:
-        perm = matching_of(Z)
-        a = perm.repeat_interleave(k, dim=1)  # [G, Nk]: the column of the head i of each edge e
-        b = torch.gather(perm, 1, nbr1.reshape(G, Nk))  # the column of its tail j
-        a0 = a.clamp_min(0)
-        ends = torch.gather(nbr2, 1, a0.unsqueeze(2).expand(G, Nk, k))  # [G, Nk, k]: out-neighbours of a
-        hit = (ends == b.unsqueeze(2)) & (a >= 0).unsqueeze(2) & (b >= 0).unsqueeze(2)
-        w = torch.as_tensor(weight, dtype=dtype, device=nbr1.device).reshape(-1, 1, 1)
-        cols.append(a0.unsqueeze(2) * k + t)
-        vals.append(hit.to(dtype) * w)
-    out = torch.zeros(G, Nk, Nk, dtype=dtype, device=nbr1.device)
-    return out.scatter_add_(2, torch.cat(cols, 2), torch.cat(vals, 2))
+    cands = [_indicator_candidates(Z, weight, nbr1, nbr2, dtype) for Z, weight in terms]
+    out = torch.zeros(G, N * k, N * k, dtype=dtype, device=nbr1.device)
+    return out.scatter_add_(2, torch.cat([c for c, _, _ in cands], 2), torch.cat([v for _, v, _ in cands], 2))
 
 
 def indicator_combination_sparse(terms, nbr1: torch.Tensor, nbr2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -99,20 +104,13 @@ def indicator_combination_sparse(terms, nbr1: torch.Tensor, nbr2: torch.Tensor, 
     scan. For consumers that take sparse gradients (``pair_scores``' backward)."""
     G, N, k = nbr1.shape
     Nk = N * k
-    idx, vals = [], []
-    t = torch.arange(k, device=nbr1.device)
     rows = torch.arange(G * Nk, device=nbr1.device).view(G, Nk, 1).expand(G, Nk, k)
+    idx, vals = [], []
     for Z, weight in terms:
-        perm = matching_of(Z)
-        a = perm.repeat_interleave(k, dim=1)
-        b = torch.gather(perm, 1, nbr1.reshape(G, Nk))
-        a0 = a.clamp_min(0)
-        ends = torch.gather(nbr2, 1, a0.unsqueeze(2).expand(G, Nk, k))
-        hit = (ends == b.unsqueeze(2)) & (a >= 0).unsqueeze(2) & (b >= 0).unsqueeze(2)
-        w = torch.as_tensor(weight, dtype=dtype, device=nbr1.device).reshape(-1, 1, 1).expand(G, Nk, k)
+        cols, v, hit = _indicator_candidates(Z, weight, nbr1, nbr2, dtype)
         flat = rows[hit]  # g * Nk + e
-        idx.append(torch.stack([flat // Nk, flat % Nk, (a0.unsqueeze(2) * k + t)[hit]]))
-        vals.append(w[hit])
+        idx.append(torch.stack([flat // Nk, flat % Nk, cols[hit]]))
+        vals.append(v[hit])
     return torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(vals), (G, Nk, Nk), dtype=dtype,
                                    device=nbr1.device, check_invariants=False)  # in range by construction
 
