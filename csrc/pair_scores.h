@@ -180,6 +180,14 @@ inline void check_edge_sq_norms_args(const at::Tensor& h, const at::Tensor& nbr,
   }
 }
 
+inline void check_edge_sq_norms_backward_args(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
+  check_edge_sq_norms_args(h, nbr, "edge_sq_norms_backward");
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == h.size(0) && grad.size(1) == h.size(1) * nbr.size(2),
+              "edge_sq_norms_backward: grad must have shape [G, N*k] = [", h.size(0), ", ", h.size(1) * nbr.size(2),
+              "], got ", grad.sizes());
+  check_same_device(grad, "grad", h, "h");
+}
+
 // The squared lengths with ATen ops (any device; the CPU has a fused kernel): [G, N k] in h's dtype.
 inline at::Tensor edge_sq_norms_aten(const at::Tensor& h, const at::Tensor& nbr) {
   const int64_t G = h.size(0), N = h.size(1), H = h.size(2), k = nbr.size(2);

@@ -203,11 +203,8 @@ at::Tensor edge_sq_norms_cpu(const at::Tensor& h, const at::Tensor& nbr) {
 // edges in order (deterministic), zero gradients skipped.
 at::Tensor edge_sq_norms_backward_cpu(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
   TORCH_CHECK(h.device().is_cpu(), "edge_sq_norms_backward: h must be a CPU tensor for the CPU kernel");
-  check_edge_sq_norms_args(h, nbr, "edge_sq_norms_backward");
+  check_edge_sq_norms_backward_args(grad, h, nbr);
   const int64_t G = h.size(0), N = h.size(1), H = h.size(2), k = nbr.size(2);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == G && grad.size(1) == N * k,
-              "edge_sq_norms_backward: grad must have shape [G, N*k] = [", G, ", ", N * k, "], got ", grad.sizes());
-  check_same_device(grad, "grad", h, "h");
   const at::Tensor hc = edge_rows(h), nc = nbr.contiguous();
   at::Tensor dh = at::zeros_like(hc);
   if (hc.numel() == 0 || k == 0) return dh.to(h.scalar_type());

@@ -82,11 +82,7 @@ at::Tensor edge_sq_norms_cuda(const at::Tensor& h, const at::Tensor& nbr) {
 
 at::Tensor edge_sq_norms_backward_cuda(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
   const c10::cuda::CUDAGuard guard(h.device());
-  check_edge_sq_norms_args(h, nbr, "edge_sq_norms_backward");
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == h.size(0) && grad.size(1) == h.size(1) * nbr.size(2),
-              "edge_sq_norms_backward: grad must have shape [G, N*k] = [", h.size(0), ", ", h.size(1) * nbr.size(2),
-              "], got ", grad.sizes());
-  check_same_device(grad, "grad", h, "h");
+  check_edge_sq_norms_backward_args(grad, h, nbr);
   return edge_sq_norms_backward_aten(grad, h, nbr);
 }
 
