@@ -5,11 +5,11 @@
 //   q(X) = sum_{e,f} Q[e,f] X[s1(e), s2(f)] X[t1(e), t2(f)]
 //   dq/dX[x,y] = sum_{s1(e)=x, s2(f)=y} Q[e,f] X[t1(e),t2(f)] + sum_{t1(e)=x, t2(f)=y} Q[e,f] X[s1(e),s2(f)]
 // Implicit Q (features): Q[e,f] = w1_e w2_f (C_ia - C_ib - C_ja + C_jb), C = H1 H2^T, w = 1/|H_i - H_j|
-// (0 for a zero-length edge); expanded once per call into the dense [G, N*k, N*k] table, an
-// O(N^2 k^2) gather from the N x N Gram matrix (never the N^2 x N^2 Lawler matrix).
+// (0 for a zero-length edge); expanded once per call into the dense [G, N*k, N*k] table by the
+// pair_scores op (never the N^2 x N^2 Lawler matrix).
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/macros/Macros.h>
 
 #include <string_view>
@@ -166,54 +166,28 @@ inline void check_gradient_args(const at::Tensor& X, const at::Tensor& nbr1, con
   check_same_device(Q, "qap_gradient: Q", X, "X");
 }
 
-// Dense Q [G, N*k, N*k] of the implicit form, in `dtype` (ATen ops, any device).
+// Dense Q [G, N*k, N*k] of the implicit form, in `dtype` (any device): the cross Gram C = H1 H2^T and
+// the inverse edge lengths (0 for a zero-length edge) through align's own ops, edge_sq_norms and
+// pair_scores (Q[e, f] = w1_e w2_f (C_ia - C_ib - C_ja + C_jb)), called through the dispatcher.
 inline at::Tensor implicit_q_dense(const at::Tensor& H1, const at::Tensor& H2, const at::Tensor& nbr1,
                                    const at::Tensor& nbr2, at::ScalarType dtype) {
-  const int64_t G = nbr1.size(0), N = nbr1.size(1), k = nbr1.size(2);
+  static const auto edge_sq_norms = c10::Dispatcher::singleton()
+                                        .findSchemaOrThrow("exgramed::edge_sq_norms", "")
+                                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  static const auto pair_scores =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("exgramed::pair_scores", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, double, double, const c10::optional<at::Tensor>&, double,
+                            const c10::optional<at::Tensor>&)>();
   const at::Tensor h1 = H1.to(dtype), h2 = H2.to(dtype);
   const at::Tensor C = at::bmm(h1, h2.transpose(1, 2));  // [G, N, N]
   auto inv_len = [&](const at::Tensor& H, const at::Tensor& nbr) {
-    const at::Tensor tgt = at::gather(H, 1, nbr.reshape({G, N * k, 1}).expand({G, N * k, H.size(2)}));
-    const at::Tensor len = (H.repeat_interleave(k, 1) - tgt).norm(2, {-1});  // [G, N*k], exact differences
+    const at::Tensor len = edge_sq_norms.call(H, nbr).sqrt();  // [G, N*k], from the exact differences
     return at::where(len > 0, 1.0 / len, at::zeros_like(len));
   };
-  const at::Tensor w1 = inv_len(h1, nbr1).contiguous(), w2 = inv_len(h2, nbr2).contiguous();
-  if (C.device().is_cpu()) {  // one pass, no [G, N*k, N*k] temporaries
-    const at::Tensor Cc = C.contiguous(), a1 = nbr1.contiguous(), a2 = nbr2.contiguous();
-    at::Tensor out = at::empty({G, N * k, N * k}, C.options());
-    const int64_t Nk = N * k;
-    AT_DISPATCH_FLOATING_TYPES(dtype, "implicit_q_dense", [&] {
-      const scalar_t* Cp = Cc.data_ptr<scalar_t>();
-      const scalar_t* w1p = w1.data_ptr<scalar_t>();
-      const scalar_t* w2p = w2.data_ptr<scalar_t>();
-      const int64_t* t1p = a1.data_ptr<int64_t>();
-      const int64_t* t2p = a2.data_ptr<int64_t>();
-      scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, G * Nk, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t g = r / Nk, e = r % Nk;
-          const scalar_t* Ci = Cp + (g * N + e / k) * N;
-          const scalar_t* Cj = Cp + (g * N + t1p[r]) * N;
-          const scalar_t we = w1p[r];
-          scalar_t* row = op + r * Nk;
-          for (int64_t f = 0; f < Nk; ++f) {
-            const int64_t a = f / k, b = t2p[g * Nk + f];
-            row[f] = we * w2p[g * Nk + f] * ((Ci[a] - Ci[b]) - (Cj[a] - Cj[b]));
-          }
-        }
-      });
-    });
-    return out;
-  }
-  const at::Tensor s1 = at::arange(N, nbr1.options()).repeat_interleave(k).expand({G, N * k});
-  const at::Tensor t1 = nbr1.reshape({G, N * k}), t2 = nbr2.reshape({G, N * k});
-  // out[g, e, f] = C[g, r[e], c[f]]
-  auto pair = [&](const at::Tensor& r, const at::Tensor& c) {
-    const at::Tensor rows = at::gather(C, 1, r.unsqueeze(2).expand({G, N * k, N}));
-    return at::gather(rows, 2, c.unsqueeze(1).expand({G, N * k, N * k}));
-  };
-  at::Tensor Q = pair(s1, s1) - pair(s1, t2) - pair(t1, s1) + pair(t1, t2);
-  return (Q * w1.unsqueeze(2) * w2.unsqueeze(1)).contiguous();
+  return pair_scores.call(C, inv_len(h1, nbr1), inv_len(h2, nbr2), nbr1, nbr2, 1.0, 0.0, c10::nullopt, 0.0,
+                          c10::nullopt);
 }
 
 // Q as the solvers read it: float64 stays float64, every other dtype becomes float32; contiguous.
