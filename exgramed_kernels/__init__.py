@@ -13,4 +13,4 @@ from .assignment import linear_assignment  # noqa: F401
 from .qap import qap_gradient, qap_objective, qap_solve  # noqa: F401
 from .align import MultiGraphAlignment, align  # noqa: F401
 from .distributed import global_align  # noqa: F401
-from .pair_scores import edge_sq_norms, pair_scores  # noqa: F401
+from .pair_scores import edge_sq_norms, pair_scores, pair_scores_backward_sparse  # noqa: F401

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import register_fallback
+
 ESTIMATORS = ("imle", "blackbox", "imle_symmetric")
 
 
@@ -99,20 +101,64 @@ def indicator_combination(terms, nbr1: torch.Tensor, nbr2: torch.Tensor, dtype: 
 
 
 def indicator_combination_sparse(terms, nbr1: torch.Tensor, nbr2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`indicator_combination` as an (uncoalesced) sparse COO tensor ``[G, N k, N k]``: the
-    candidate entries that hold a matched edge pair only, no dense ``[G, N k, N k]`` zeros to write and
-    scan. For consumers that take sparse gradients (``pair_scores``' backward)."""
+    """:func:`indicator_combination` as a coalesced sparse COO tensor ``[G, N k, N k]``: its non-zero
+    entries only (``edge_pair_indicator_sparse``), no dense ``[G, N k, N k]`` zeros to write and scan. For
+    consumers that take sparse gradients (``pair_scores``' backward)."""
     G, N, k = nbr1.shape
     Nk = N * k
-    rows = torch.arange(G * Nk, device=nbr1.device).view(G, Nk, 1).expand(G, Nk, k)
-    idx, vals = [], []
-    for Z, weight in terms:
-        cols, v, hit = _indicator_candidates(Z, weight, nbr1, nbr2, dtype)
-        flat = rows[hit]  # g * Nk + e
-        idx.append(torch.stack([flat // Nk, flat % Nk, cols[hit]]))
-        vals.append(v[hit])
-    return torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(vals), (G, Nk, Nk), dtype=dtype,
-                                   device=nbr1.device, check_invariants=False)  # in range by construction
+    weights = torch.stack([torch.as_tensor(w, dtype=dtype, device=nbr1.device).expand(G) for _, w in terms])
+    idx, vals = torch.ops.exgramed.edge_pair_indicator_sparse([Z for Z, _ in terms], weights, nbr1, nbr2)
+    return torch.sparse_coo_tensor(idx, vals, (G, Nk, Nk), dtype=dtype, device=nbr1.device,
+                                   check_invariants=False, is_coalesced=True)  # sorted and in range by construction
+
+
+def _check_indicator_args(Z, weights, nbr1, nbr2, op="edge_pair_indicator_sparse"):
+    for name, t in (("nbr1", nbr1), ("nbr2", nbr2)):
+        if t.dtype != torch.long or t.dim() != 3:
+            raise RuntimeError(f"{op}: {name} must be int64 [G, N, k], got {t.dtype} {tuple(t.shape)}")
+    if nbr1.shape != nbr2.shape:
+        raise RuntimeError(f"{op}: nbr1 and nbr2 must have the same shape, got {tuple(nbr1.shape)} and "
+                           f"{tuple(nbr2.shape)}")
+    G, N, _ = nbr1.shape
+    if not weights.dtype.is_floating_point:
+        raise RuntimeError(f"{op}: weights must be a floating-point tensor, got {weights.dtype}")
+    if tuple(weights.shape) != (len(Z), G):
+        raise RuntimeError(f"{op}: weights must have shape [T, G] = [{len(Z)}, {G}] (one row per matching), got "
+                           f"{tuple(weights.shape)}")
+    for t, z in enumerate(Z):
+        if not z.dtype.is_floating_point:
+            raise RuntimeError(f"{op}: Z must be a floating-point tensor, got {z.dtype}")
+        if tuple(z.shape) != (G, N, N):
+            raise RuntimeError(f"{op}: Z[{t}] must have shape [G, N, N] = [{G}, {N}, {N}], got {tuple(z.shape)}")
+
+
+@torch.library.register_fake("exgramed::edge_pair_indicator_sparse")
+def _edge_pair_indicator_sparse_fake(Z, weights, nbr1, nbr2):
+    _check_indicator_args(Z, weights, nbr1, nbr2)
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return nbr1.new_empty(3, nnz), weights.new_empty(nnz)
+
+
+@register_fallback("edge_pair_indicator_sparse")
+def _edge_pair_indicator_sparse_reference(Z, weights, nbr1, nbr2):
+    """The definition: the non-zero entries of ``sum_t weights[t, g] edge_pair_indicator(Z_t)``, coalesced. Each
+    ``Z_t`` is read as a 0/1 matching: row i's column is the first index of its maximum if that is > 0."""
+    _check_indicator_args(Z, weights, nbr1, nbr2)
+    if not bool(torch.isfinite(weights).all()):
+        raise RuntimeError("edge_pair_indicator_sparse: weights contains NaN or Inf")
+    G, N, k = nbr1.shape
+    if nbr1.numel() and not (0 <= int(torch.minimum(nbr1.min(), nbr2.min()))
+                             and int(torch.maximum(nbr1.max(), nbr2.max())) < N):
+        raise RuntimeError(f"edge_pair_indicator_sparse: nbr1 and nbr2 entries must lie in [0, {N})")
+    dense = torch.zeros(G, N * k, N * k, dtype=torch.float64, device=nbr1.device)
+    for z, w in zip(Z, weights):
+        onehot = torch.zeros(G, N, N, dtype=torch.float64, device=z.device)
+        top, col = z.max(-1)
+        perm = torch.where(top > 0, col, torch.full_like(col, -1))
+        onehot.scatter_(2, perm.clamp_min(0).unsqueeze(2), (perm >= 0).to(torch.float64).unsqueeze(2))
+        dense += w.to(torch.float64).view(G, 1, 1) * edge_pair_indicator(onehot, nbr1, nbr2)
+    idx = dense.nonzero().T.contiguous()
+    return idx, dense[tuple(idx)].to(weights.dtype)
 
 
 def _sparse_grad_q_ok(Q: torch.Tensor | None) -> bool:

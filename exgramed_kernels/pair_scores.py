@@ -93,27 +93,56 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(C, w1, w2, nbr1, nbr2)
 
 
-def _backward_sparse(grad, C, w1, w2, nbr1, nbr2, alpha):
-    """``pair_scores_backward`` for a sparse COO ``grad`` (the estimators' dL/dQ, a few entries per row):
-    the same sums over its entries only, in float64, with deterministic CPU index_add_."""
-    P, N, k = nbr1.shape
-    Nk = N * k
-    g = grad.coalesce() if not grad.is_coalesced() else grad
-    p, e, f = g.indices()
-    gv = g.values().to(torch.float64)
-    i, j = e // k, nbr1.reshape(P, Nk)[p, e]
-    a, b = f // k, nbr2.reshape(P, Nk)[p, f]
-    C64 = C.to(torch.float64)
-    d = (C64[p, i, a] - C64[p, i, b]) - (C64[p, j, a] - C64[p, j, b])
-    we, wf = w1[p, e].to(torch.float64), w2[p, f].to(torch.float64)
-    gw1 = torch.zeros(P * Nk, dtype=torch.float64, device=C.device).index_add_(0, p * Nk + e, alpha * gv * wf * d)
-    gw2 = torch.zeros(P * Nk, dtype=torch.float64, device=C.device).index_add_(0, p * Nk + f, alpha * gv * we * d)
-    gc = alpha * gv * we * wf
-    base = p * N * N
-    gC = torch.zeros(P * N * N, dtype=torch.float64, device=C.device)
-    gC.index_add_(0, torch.cat([base + i * N + a, base + i * N + b, base + j * N + a, base + j * N + b]),
-                  torch.cat([gc, -gc, -gc, gc]))
-    return gC.view(P, N, N).to(C.dtype), gw1.view(P, Nk).to(w1.dtype), gw2.view(P, Nk).to(w2.dtype)
+def _check_sparse_grad(indices, values, C, op="pair_scores_backward_sparse"):
+    if indices.dtype != torch.long or indices.dim() != 2 or indices.shape[0] != 3:
+        raise RuntimeError(f"{op}: indices must be int64 [3, nnz] (problem, row e, column f), got {indices.dtype} "
+                           f"{tuple(indices.shape)}")
+    if not values.dtype.is_floating_point or values.dim() != 1 or values.shape[0] != indices.shape[1]:
+        raise RuntimeError(f"{op}: values must be a floating-point tensor of shape [nnz] = [{indices.shape[1]}], got "
+                           f"{values.dtype} {tuple(values.shape)}")
+    for name, t in (("indices", indices), ("values", values)):
+        if t.device != C.device:
+            raise RuntimeError(f"{op}: {name} and C must be on the same device, got {t.device} and {C.device}")
+
+
+@torch.library.register_fake("exgramed::pair_scores_backward_sparse")
+def _pair_scores_backward_sparse_fake(indices, values, C, w1, w2, nbr1, nbr2, alpha):
+    _check(C, w1, w2, nbr1, nbr2, None, None, "pair_scores_backward_sparse")
+    _check_sparse_grad(indices, values, C)
+    return C.new_empty(C.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+
+
+@register_fallback("pair_scores_backward_sparse")
+def _pair_scores_backward_sparse_reference(indices, values, C, w1, w2, nbr1, nbr2, alpha):
+    """The definition: ``pair_scores_backward`` of the dense gradient the entries make (duplicates summed)."""
+    P, Nk = _check(C, w1, w2, nbr1, nbr2, None, None, "pair_scores_backward_sparse")
+    _check_sparse_grad(indices, values, C)
+    if not bool(torch.isfinite(values).all()):
+        raise RuntimeError("pair_scores_backward_sparse: values contains NaN or Inf")
+    if indices.numel() and not (bool((indices.min(1).values >= 0).all())
+                                and bool((indices.max(1).values < torch.tensor([P, Nk, Nk])).all())):
+        raise RuntimeError(f"pair_scores_backward_sparse: indices must lie in [0, {P}) x [0, {Nk}) x [0, {Nk})")
+    dense = torch.sparse_coo_tensor(indices, values, (P, Nk, Nk)).to_dense()
+    return _pair_scores_backward_reference(dense, C, w1, w2, nbr1, nbr2, alpha)
+
+
+def pair_scores_backward_sparse(indices: torch.Tensor, values: torch.Tensor, C: torch.Tensor, w1: torch.Tensor,
+                                w2: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor, alpha: float = 1.0):
+    """``pair_scores``' backward for a gradient given by its entries (a COO tensor's indices and values).
+
+    The same formula as ``pair_scores_backward`` (module docstring) over the listed entries only, duplicates
+    summed: O(nnz) instead of a scan of the ``[P, N k, N k]`` gradient. What ``align``'s CPU backward runs,
+    as the solver estimators' gradient has at most ``2 N k`` entries per problem (a CPU kernel; float64
+    accumulation in the entries' order, deterministic).
+
+    Args:
+        indices: int64 ``[3, nnz]``: problem ``p``, row ``e`` and column ``f`` of each entry.
+        values: ``[nnz]`` float (finite). C, w1, w2, nbr1, nbr2, alpha: as in :func:`pair_scores`.
+
+    Returns:
+        ``(grad_C [P, N, N], grad_w1 [P, N k], grad_w2 [P, N k])`` in C's dtype.
+    """
+    return torch.ops.exgramed.pair_scores_backward_sparse(indices, values, C, w1, w2, nbr1, nbr2, alpha)
 
 
 def _backward(ctx, grad):
@@ -122,7 +151,8 @@ def _backward(ctx, grad):
     gC = gw1 = gw2 = None
     if any(n[:3]):
         if grad.is_sparse:  # from qap_solve's estimators (align): only the matched edge pairs
-            gC, gw1, gw2 = _backward_sparse(grad, C, w1, w2, nbr1, nbr2, ctx.alpha)
+            gC, gw1, gw2 = torch.ops.exgramed.pair_scores_backward_sparse(
+                grad._indices(), grad._values(), C, w1, w2, nbr1, nbr2, ctx.alpha)
         else:
             gC, gw1, gw2 = torch.ops.exgramed.pair_scores_backward(grad, C, w1, w2, nbr1, nbr2, ctx.alpha)
     if grad.is_sparse and len(n) > 7 and n[7]:

@@ -240,3 +240,49 @@ def test_sparse_gradient_matches_dense(dtype):
     for got, want in zip(*grads):
         assert not got.is_sparse
         assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("P, N, k, nnz", [(3, 7, 3, 40), (1, 1, 1, 1), (2, 5, 2, 0)])
+def test_backward_sparse_op_matches_reference(dtype, P, N, k, nnz):
+    """pair_scores_backward_sparse (the CPU kernel) against its definition -- the float64 reference backward of
+    the dense gradient its entries make -- with repeated entries, self loops and an empty list."""
+    gen = torch.Generator().manual_seed(P * 100 + N * 10 + nnz)
+    C, w1, w2, n1, n2 = inputs(P, N, k, gen, dtype)
+    idx = torch.stack([torch.randint(0, P, (nnz,), generator=gen), torch.randint(0, N * k, (nnz,), generator=gen),
+                       torch.randint(0, N * k, (nnz,), generator=gen)])
+    idx = torch.cat([idx, idx[:, : min(nnz, 5)]], 1)  # repeated entries: summed
+    vals = torch.randn(idx.shape[1], generator=gen, dtype=dtype)
+    got = ek.pair_scores_backward_sparse(idx, vals, C, w1, w2, n1, n2, 0.5)
+    dense = torch.sparse_coo_tensor(idx, vals.double(), (P, N * k, N * k), check_invariants=True).to_dense()
+    with torch.enable_grad():
+        ins = [t.double().requires_grad_() for t in (C, w1, w2)]
+        want = torch.autograd.grad(reference.pair_scores(*ins, n1, n2, 0.5), ins, dense)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        assert rel_err(a.double(), b) < (1e-12 if dtype == torch.float64 else 1e-5)
+    again = ek.pair_scores_backward_sparse(idx, vals, C, w1, w2, n1, n2, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))  # deterministic
+
+
+def test_backward_sparse_op_errors_and_opcheck():
+    gen = torch.Generator().manual_seed(12)
+    C, w1, w2, n1, n2 = inputs(2, 5, 2, gen, torch.float32)
+    idx = torch.tensor([[0, 1], [3, 9], [2, 0]])
+    vals = torch.tensor([1.0, -2.0])
+    torch.library.opcheck(torch.ops.exgramed.pair_scores_backward_sparse.default, (idx, vals, C, w1, w2, n1, n2, 0.5))
+    cases = [
+        (dict(idx=idx[:2]), "indices must be int64 \\[3, nnz\\]"),
+        (dict(idx=idx.int()), "indices must be int64"),
+        (dict(vals=vals[:1]), "values must have shape|values must be a floating-point tensor of shape"),
+        (dict(vals=torch.tensor([1.0, float("nan")])), "NaN or Inf"),
+        (dict(idx=torch.tensor([[0, 2], [3, 9], [2, 0]])), "outside|must lie in"),
+        (dict(idx=torch.tensor([[0, 1], [3, 10], [2, 0]])), "outside|must lie in"),
+        (dict(C=C[:, :4]), "C must have shape"),
+        (dict(n1=n1 + 5), "nbr1 entries must lie in"),
+    ]
+    for change, match in cases:
+        a = dict(idx=idx, vals=vals, C=C, n1=n1)
+        a.update(change)
+        with pytest.raises(RuntimeError, match=match):
+            ek.pair_scores_backward_sparse(a["idx"], a["vals"], a["C"], w1, w2, a["n1"], n2, 0.5)
