@@ -119,8 +119,9 @@ def _pair_scores_backward_sparse_reference(indices, values, C, w1, w2, nbr1, nbr
     _check_sparse_grad(indices, values, C)
     if not bool(torch.isfinite(values).all()):
         raise RuntimeError("pair_scores_backward_sparse: values contains NaN or Inf")
+    bounds = torch.tensor([P, Nk, Nk], device=indices.device)
     if indices.numel() and not (bool((indices.min(1).values >= 0).all())
-                                and bool((indices.max(1).values < torch.tensor([P, Nk, Nk])).all())):
+                                and bool((indices.max(1).values < bounds).all())):
         raise RuntimeError(f"pair_scores_backward_sparse: indices must lie in [0, {P}) x [0, {Nk}) x [0, {Nk})")
     dense = torch.sparse_coo_tensor(indices, values, (P, Nk, Nk)).to_dense()
     return _pair_scores_backward_reference(dense, C, w1, w2, nbr1, nbr2, alpha)
