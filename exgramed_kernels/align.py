@@ -176,6 +176,15 @@ def _inverse_edge_lengths(h: torch.Tensor, nbr: torch.Tensor, edge_floor: float 
     return d2.clamp_min(1e-24).rsqrt()
 
 
+def _take(t: torch.Tensor, idx) -> torch.Tensor:
+    """``t[idx]`` along dim 0 for a list of graph indices, as ``index_select``: its backward is one
+    ``index_add_``, where advanced indexing's is an accumulating ``index_put_`` (2-9x slower here at
+    align's sizes, most with two threads). Symbolic indices (dynamic shapes) keep plain indexing."""
+    if all(type(v) is int for v in idx):
+        return t.index_select(0, torch.tensor(idx, dtype=torch.long, device=t.device))
+    return t[idx]
+
+
 def _cross_cosines(hn: torch.Tensor, src, dst) -> torch.Tensor:
     """``hn[src[p]] hn[dst[p]]^T`` for every problem p: ``[G, N, h] -> [P, N, N]``.
 
@@ -184,13 +193,13 @@ def _cross_cosines(hn: torch.Tensor, src, dst) -> torch.Tensor:
     their backward) of one per problem.
     """
     if not all(type(v) is int for v in (*src, *dst)):  # symbolic K (dynamic shapes): one GEMM per problem
-        return torch.bmm(hn[src], hn[dst].transpose(1, 2))
+        return torch.bmm(_take(hn, src), _take(hn, dst).transpose(1, 2))
     first = {}
     for a, b in zip(src, dst):
         if (a, b) not in first and (b, a) not in first:
             first[(a, b)] = len(first)
     keys = list(first)
-    base = torch.bmm(hn[[a for a, _ in keys]], hn[[b for _, b in keys]].transpose(1, 2))
+    base = torch.bmm(_take(hn, [a for a, _ in keys]), _take(hn, [b for _, b in keys]).transpose(1, 2))
     if len(keys) == len(src):
         return base
     return torch.stack([base[first[(a, b)]] if (a, b) in first else base[first[(b, a)]].transpose(0, 1)
@@ -224,18 +233,18 @@ def problem_scores(h, nbr, src, dst, copy_structure, quadratic_noise=None, noise
     with the problems' neighbour tables ``(U, Q, nbr1, nbr2)``. ``edge_floor``: see :func:`_inverse_edge_lengths`."""
     norms = h.norm(dim=-1)  # [G, N]
     hn = h / norms.clamp_min(1e-12).unsqueeze(-1)  # F.normalize
-    nbr1 = nbr[src]
-    nbr2 = nbr1 if copy_structure else nbr[dst]
+    nbr1 = _take(nbr, src)
+    nbr2 = nbr1 if copy_structure else _take(nbr, dst)
     cos = _cross_cosines(hn, src, dst)
     U = cos - 0.5
     # Edge lengths once per graph (each graph sits in several problems); with copied structure,
     # graph 2's edges follow graph 1's table, so its lengths are per problem.
     w = _inverse_edge_lengths(h, nbr, edge_floor)
-    w2 = _inverse_edge_lengths(h[dst], nbr2, edge_floor) if copy_structure else w[dst]
+    w2 = _inverse_edge_lengths(_take(h, dst), nbr2, edge_floor) if copy_structure else _take(w, dst)
     # The cross Gram h1 h2^T from the cosines and the norms: no second [P, N, N, h] GEMM (nor its
     # two in the backward); the same float32 rounding class as the direct product.
-    C = cos * norms[src].unsqueeze(2) * norms[dst].unsqueeze(1)
-    Q = torch.ops.exgramed.pair_scores(C, w[src], w2, nbr1, nbr2, 0.5, -0.25,
+    C = cos * _take(norms, src).unsqueeze(2) * _take(norms, dst).unsqueeze(1)
+    Q = torch.ops.exgramed.pair_scores(C, _take(w, src), w2, nbr1, nbr2, 0.5, -0.25,
                                        quadratic_noise, 0.5 * noise_scale, noise_seed)
     return U, Q, nbr1, nbr2
 
