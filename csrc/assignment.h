@@ -44,9 +44,10 @@ struct LapWorkspace {
 void lap_solve(const double* score, int64_t n, bool maximize, bool clamp_positive, LapWorkspace& ws, bool warm,
                bool row_reduction = false);
 
-// The same on the elementwise sum score + score2 (both n x n): the Frank-Wolfe oracle's
-// U + grad q(X) without a separate pass to form it.
+// The same on the elementwise sum score + scale2 * score2 (both n x n): the Frank-Wolfe oracle's
+// U + grad q(X) (grad q kept scaled) without a separate pass to form it. ws.cost holds the cost
+// matrix afterwards (c = -max(s, 0) for maximize with clamp_positive).
 void lap_solve_sum(const double* score, const double* score2, int64_t n, bool maximize, bool clamp_positive,
-                   LapWorkspace& ws, bool warm, bool row_reduction = false);
+                   LapWorkspace& ws, bool warm, bool row_reduction = false, double scale2 = 1.0);
 
 }  // namespace exgramed

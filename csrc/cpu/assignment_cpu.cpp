@@ -26,17 +26,23 @@ constexpr int kLanes = 8;
 typedef double quad __attribute__((vector_size(4 * sizeof(double))));
 typedef int64_t quadi __attribute__((vector_size(4 * sizeof(int64_t))));  // lanes of indices / masks
 
-// The cost matrix c = sign * s, s = a (+ b) (max(s, 0) with clamp): formed once, the scans read it many times.
-EXGRAMED_MULTIVERSION void form_costs(const double* a, const double* b, int64_t nn, double sign, bool clamp,
-                                      double* out) {
+// The cost matrix c = sign * s, s = a (+ scale_b * b) (max(s, 0) with clamp): formed once, the scans read it
+// many times.
+EXGRAMED_MULTIVERSION void form_costs(const double* a, const double* b, double scale_b, int64_t nn, double sign,
+                                      bool clamp, double* out) {
   if (b == nullptr) {
     for (int64_t x = 0; x < nn; ++x) {
       const double s = a[x];
       out[x] = sign * (clamp && s < 0 ? 0.0 : s);
     }
-  } else {
+  } else if (scale_b == 1.0) {
     for (int64_t x = 0; x < nn; ++x) {
       const double s = a[x] + b[x];
+      out[x] = sign * (clamp && s < 0 ? 0.0 : s);
+    }
+  } else {
+    for (int64_t x = 0; x < nn; ++x) {
+      const double s = a[x] + scale_b * b[x];
       out[x] = sign * (clamp && s < 0 ? 0.0 : s);
     }
   }
@@ -281,11 +287,11 @@ void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
   }
 }
 
-void lap_impl(const double* score, const double* score2, int64_t n, bool maximize, bool clamp_positive,
-              LapWorkspace& ws, bool warm, bool row_reduction) {
+void lap_impl(const double* score, const double* score2, double scale2, int64_t n, bool maximize,
+              bool clamp_positive, LapWorkspace& ws, bool warm, bool row_reduction) {
   ws.resize(n);
   double* cm = ws.cost.data();
-  form_costs(score, score2, n * n, maximize ? -1.0 : 1.0, clamp_positive, cm);
+  form_costs(score, score2, scale2, n * n, maximize ? -1.0 : 1.0, clamp_positive, cm);
   if (!warm) std::fill(ws.v.begin(), ws.v.end(), 0.0);
   std::fill(ws.col4row.begin(), ws.col4row.end(), -1);
   std::fill(ws.row4col.begin(), ws.row4col.end(), -1);
@@ -347,12 +353,12 @@ void lap_impl(const double* score, const double* score2, int64_t n, bool maximiz
 
 void lap_solve(const double* score, int64_t n, bool maximize, bool clamp_positive, LapWorkspace& ws, bool warm,
                bool row_reduction) {
-  lap_impl(score, nullptr, n, maximize, clamp_positive, ws, warm, row_reduction);
+  lap_impl(score, nullptr, 1.0, n, maximize, clamp_positive, ws, warm, row_reduction);
 }
 
 void lap_solve_sum(const double* score, const double* score2, int64_t n, bool maximize, bool clamp_positive,
-                   LapWorkspace& ws, bool warm, bool row_reduction) {
-  lap_impl(score, score2, n, maximize, clamp_positive, ws, warm, row_reduction);
+                   LapWorkspace& ws, bool warm, bool row_reduction, double scale2) {
+  lap_impl(score, score2, scale2, n, maximize, clamp_positive, ws, warm, row_reduction);
 }
 
 }  // namespace exgramed

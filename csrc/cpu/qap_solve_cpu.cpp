@@ -171,7 +171,7 @@ void grad_q_perm(const Problem<qt>& p, const int64_t* perm, double* out, double 
   const int64_t N = p.N, k = p.k, Nk = p.Nk;
   if (keep == 0.0) {
     std::fill(out, out + N * N, 0.0);
-  } else {
+  } else if (keep != 1.0) {
     for (int64_t x = 0; x < N * N; ++x) out[x] *= keep;
   }
   // The entries read are scattered over Q (6.5 MB per problem at N = 256): their addresses are known
@@ -264,6 +264,8 @@ struct Work {
   LapWorkspace lap, lap2;
   std::vector<double> X, gq, gf, xg, L;
   std::vector<int64_t> P, best, ext;
+  std::vector<int64_t> verts;  // Frank-Wolfe: the vertices X is a combination of, N each
+  std::vector<double> vert_w;  // and their weights
   void resize(int64_t N, int64_t k, bool annealing) {
     X.resize(N * N);
     gq.resize(N * N);
@@ -278,16 +280,18 @@ struct Work {
   }
 };
 
-// The vertex maximising <S, P>, S = S1 (+ S2 if given): LAP of S (of max(S, 0) with the
+// The vertex maximising <S, P>, S = S1 (+ scale2 * S2 if given): LAP of S (of max(S, 0) with the
 // non-positive pairs dropped for partial permutations: max over partial permutations = that, as
-// extending a partial matching by pairs of score >= 0 never lowers it).
+// extending a partial matching by pairs of score >= 0 never lowers it). The drop reads the LAP's own
+// cost matrix (c = -max(S, 0) < 0 exactly where S > 0), so both decisions see the same rounding of S.
 template <typename qt>
-void vertex_oracle(const Problem<qt>& p, const double* S1, const double* S2, Work& w, bool warm, int64_t* perm) {
-  lap_solve_sum(S1, S2, p.N, /*maximize=*/true, p.partial, w.lap, warm, /*row_reduction=*/true);
+void vertex_oracle(const Problem<qt>& p, const double* S1, const double* S2, Work& w, bool warm, int64_t* perm,
+                   double scale2 = 1.0) {
+  lap_solve_sum(S1, S2, p.N, /*maximize=*/true, p.partial, w.lap, warm, /*row_reduction=*/true, scale2);
+  const double* cost = w.lap.cost.data();
   for (int64_t i = 0; i < p.N; ++i) {
     const int64_t j = w.lap.col4row[i];
-    const double sij = S2 == nullptr ? S1[i * p.N + j] : S1[i * p.N + j] + S2[i * p.N + j];
-    perm[i] = (p.partial && !(sij > 0)) ? -1 : j;
+    perm[i] = (p.partial && !(cost[i * p.N + j] < 0)) ? -1 : j;
   }
 }
 
@@ -302,17 +306,25 @@ void keep_if_better(const Problem<qt>& p, const int64_t* perm, double f, double&
 // Frank-Wolfe from w.X with w.gq = grad q(w.X); the best vertex seen goes to w.best. f along
 // X + t (P - X) is f(X) + t <grad f(X), P - X> + t^2 q(P - X), q(P - X) = q(P) - <grad q(X), P> + q(X).
 // x_vertex: w.X is a (partial) permutation (then a candidate already).
-// Per iteration, after the oracle: O(N k^2) plus one scaling pass over grad q. grad q is linear,
-// grad q(X + t (P - X)) = (1 - t) grad q(X) + t grad q(P), and grad q(P) of a vertex costs O(N k^2);
-// <U, X> and q(X) follow the same line (O(N) from the oracle's <U, P>, <grad q(X), P>, q(P)).
+// Per iteration, after the oracle: O(N k^2), no pass over an N x N matrix. grad q is linear,
+// grad q(X + t (P - X)) = (1 - t) grad q(X) + t grad q(P), and grad q(P) of a vertex costs O(N k^2):
+// grad q(X) is kept as gs * w.gq, so the (1 - t) is a scalar and the oracle folds gs into its cost
+// pass. X itself is kept as c0 X0 + sum_v a_v P_v (the start and the vertices stepped to), formed
+// only for the last rounding; <U, X> and q(X) follow the line in O(N) from the oracle's <U, P>,
+// <grad q(X), P>, q(P).
 template <typename qt>
 double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol, bool x_vertex, double best_f) {
   const int64_t N = p.N, NN = N * N;
   double uX = dot(p.U, w.X.data(), NN), qX = 0.5 * dot(w.gq.data(), w.X.data(), NN);
+  double gs = 1.0, c0 = 1.0;  // grad q(X) = gs * w.gq; X = c0 * w.X + sum_v a[v] * verts[v]
+  std::vector<int64_t>& verts = w.verts;
+  std::vector<double>& a = w.vert_w;
+  verts.clear();
+  a.clear();
   int64_t* P = w.P.data();
   for (int64_t it = 0; it < max_iter; ++it) {
-    vertex_oracle(p, p.U, w.gq.data(), w, it > 0, P);
-    const double uP = dot_perm(p.U, P, N), gP = dot_perm(w.gq.data(), P, N), qP = quad_perm(p, P);
+    vertex_oracle(p, p.U, w.gq.data(), w, it > 0, P, gs);
+    const double uP = dot_perm(p.U, P, N), gP = gs * dot_perm(w.gq.data(), P, N), qP = quad_perm(p, P);
     keep_if_better(p, P, uP + qP, best_f, w.best.data());
     const double fX = uX + qX;
     const double gap = (uP + gP) - (uX + 2.0 * qX);  // <grad f(X), P - X>, <grad q(X), X> = 2 q(X)
@@ -320,26 +332,38 @@ double frank_wolfe(const Problem<qt>& p, Work& w, int64_t max_iter, double tol, 
     const double b = qP - gP + qX;
     const double t = b < 0 ? std::min(1.0, -gap / (2 * b)) : 1.0;
     if (t == 1.0) {  // a full step: X = P
-      std::fill(w.X.begin(), w.X.begin() + NN, 0.0);
-      for (int64_t i = 0; i < N; ++i) {
-        if (P[i] >= 0) w.X[i * N + P[i]] = 1.0;
-      }
+      c0 = 0.0;
+      verts.assign(P, P + N);
+      a.assign(1, 1.0);
       grad_q_perm(p, P, w.gq.data());
+      gs = 1.0;
       uX = uP;
       qX = qP;
       x_vertex = true;
       continue;
     }
-    for (int64_t x = 0; x < NN; ++x) w.X[x] *= (1.0 - t);
-    for (int64_t i = 0; i < N; ++i) {
-      if (P[i] >= 0) w.X[i * N + P[i]] += t;
+    c0 *= 1.0 - t;
+    for (double& av : a) av *= 1.0 - t;
+    verts.insert(verts.end(), P, P + N);
+    a.push_back(t);
+    gs *= 1.0 - t;
+    if (gs < 1e-150) {  // keep the stored gradient in range (t < 1, so gs > 0)
+      for (int64_t x = 0; x < NN; ++x) w.gq[x] *= gs;
+      gs = 1.0;
     }
-    grad_q_perm(p, P, w.gq.data(), 1.0 - t, t);
+    grad_q_perm(p, P, w.gq.data(), 1.0, t / gs);
     uX += t * (uP - uX);
     qX += t * (gP - 2.0 * qX) + t * t * b;
     x_vertex = false;
   }
   if (!x_vertex) {  // the rounding of the last iterate (a vertex iterate is a candidate already)
+    for (int64_t x = 0; x < NN; ++x) w.X[x] *= c0;
+    for (size_t v = 0; v < a.size(); ++v) {
+      const int64_t* pv = verts.data() + v * N;
+      for (int64_t i = 0; i < N; ++i) {
+        if (pv[i] >= 0) w.X[i * N + pv[i]] += a[v];
+      }
+    }
     vertex_oracle(p, w.X.data(), nullptr, w, false, P);
     keep_if_better(p, P, objective_perm(p, P), best_f, w.best.data());
   }
