@@ -3,7 +3,8 @@
 // own linear-assignment workspace (warm-started from the previous iteration's column
 // potentials), then 2-opt. Frank-Wolfe reads the dense Q table once per problem (grad q(J/N),
 // shared by the problem's starts); every later gradient follows by linearity from the O(N k^2)
-// gradient of the oracle's vertex, so an iteration costs the linear assignment plus O(N^2) passes.
+// gradient of the oracle's vertex, so an iteration costs the linear assignment (its cost pass folds
+// in the gradient's running scale) plus O(N k^2).
 // Graduated assignment recomputes the dense gradient every iteration.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
