@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -647,10 +648,15 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::
     } else if (in.q_unchecked) {
       check_finite(in.Qt, "qap_solve: Q");
     }
-    at::parallel_for(0, G * R, 1, [&](int64_t t0, int64_t t1) {
+    // Tasks handed out one at a time (their costs differ by the iterations they take; fixed chunks left
+    // a thread idle). Each task starts cold and writes only its own slots: results do not depend on
+    // which thread runs it.
+    const int64_t T = G * R;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(T, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       Work w;
       w.resize(N, k, in.method == QapMethod::Sinkhorn);
-      for (int64_t task = t0; task < t1; ++task) {
+      for (int64_t task = next++; task < T; task = next++) {
         const int64_t g = task / R, r = task % R;
         const int64_t* init_g = in.init.defined() ? in.init.data_ptr<int64_t>() + g * N : nullptr;
         solve_task(problem(g), g, r, in.method, max_iter, tol, seed, init_g,
