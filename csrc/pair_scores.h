@@ -141,6 +141,24 @@ inline PairScoresArgs check_pair_scores_backward_args(const at::Tensor& grad, co
   return a;
 }
 
+// The CPU backward's step for one entry gv of the incoming gradient at the edge pair e = (i, j),
+// f = (a, b) of a problem (C its N x N cross Gram, gC its float64 grad_C, gw2f its grad_w2[f]): adds
+// alpha gv we wf (+ - - +) to grad_C at (i, a), (i, b), (j, a), (j, b) and alpha gv we d to grad_w2[f],
+// d = (C_ia - C_ib) - (C_ja - C_jb); returns gv wf d, grad_w1[e]'s share before the alpha (the dense and the
+// sparse kernels sum it differently).
+template <typename scalar_t>
+inline double pair_scores_grad_entry(const scalar_t* C, int64_t N, int64_t i, int64_t j, int64_t a, int64_t b,
+                                     double gv, double we, double wf, double alpha, double* gC, double& gw2f) {
+  const double d = static_cast<double>((C[i * N + a] - C[i * N + b]) - (C[j * N + a] - C[j * N + b]));
+  gw2f += alpha * gv * we * d;
+  const double gc = alpha * gv * we * wf;
+  gC[i * N + a] += gc;
+  gC[i * N + b] -= gc;
+  gC[j * N + a] -= gc;
+  gC[j * N + b] += gc;
+  return gv * wf * d;
+}
+
 // The backward on any device with ATen ops (the CUDA kernel uses it; the CPU has a fused one):
 // inner = M1 C M2^T through gathers, grad_C = M1^T (alpha grad w1 w2) M2 through batched GEMMs
 // with the signed incidence matrices (deterministic, no atomics).

@@ -149,16 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(const at
           for (int64_t f = 0; f < Nk; ++f) {
             const double gv = static_cast<double>(grow[f]);
             if (gv == 0.0) continue;
-            const int64_t ca = f / k, cb = b_of[f];
-            const double d = static_cast<double>((Cq[i * N + ca] - Cq[i * N + cb]) - (Cq[j * N + ca] - Cq[j * N + cb]));
-            const double wf = static_cast<double>(w2r[f]);
-            acc_w1 += gv * wf * d;
-            gw2p[p * Nk + f] += alpha * gv * we * d;
-            const double gc = alpha * gv * we * wf;
-            gCq[i * N + ca] += gc;
-            gCq[i * N + cb] -= gc;
-            gCq[j * N + ca] -= gc;
-            gCq[j * N + cb] += gc;
+            acc_w1 += pair_scores_grad_entry(Cq, N, i, j, f / k, b_of[f], gv, we, static_cast<double>(w2r[f]), alpha,
+                                             gCq, gw2p[p * Nk + f]);
           }
           gw1p[r] += alpha * acc_w1;
         }

@@ -97,27 +97,10 @@ void grad_q(const Problem<qt>& p, const double* X, double* out, double* xg) {
   }
 }
 
-// acc[0, n) = sum of the m rows row0, row0 + stride, ... (float64), in one pass per row: the dense
-// part of grad q(J/N), vectorised (one pair per element, no scatter).
-EXGRAMED_MULTIVERSION void sum_rows_f32(const float* row0, int64_t m, int64_t stride, int64_t n, double* acc) {
-  for (int64_t x = 0; x < n; ++x) acc[x] = static_cast<double>(row0[x]);
-  for (int64_t r = 1; r < m; ++r) {
-    const float* row = row0 + r * stride;
-    for (int64_t x = 0; x < n; ++x) acc[x] += static_cast<double>(row[x]);
-  }
-}
-EXGRAMED_MULTIVERSION void sum_rows_f64(const double* row0, int64_t m, int64_t stride, int64_t n, double* acc) {
-  for (int64_t x = 0; x < n; ++x) acc[x] = row0[x];
-  for (int64_t r = 1; r < m; ++r) {
-    const double* row = row0 + r * stride;
-    for (int64_t x = 0; x < n; ++x) acc[x] += row[x];
-  }
-}
-inline void sum_rows(const float* row0, int64_t m, int64_t stride, int64_t n, double* acc) {
-  sum_rows_f32(row0, m, stride, n, acc);
-}
-inline void sum_rows(const double* row0, int64_t m, int64_t stride, int64_t n, double* acc) {
-  sum_rows_f64(row0, m, stride, n, acc);
+// acc[0, n) = row[0, n) (copy_row) or acc += row (add_row), in float64: the dense part of grad q(J/N),
+// vectorised (one pair per element, no scatter).
+EXGRAMED_MULTIVERSION void copy_row_f32(const float* row, int64_t n, double* acc) {
+  for (int64_t x = 0; x < n; ++x) acc[x] = static_cast<double>(row[x]);
 }
 EXGRAMED_MULTIVERSION void add_row_f32(const float* row, int64_t n, double* acc) {
   for (int64_t x = 0; x < n; ++x) acc[x] += static_cast<double>(row[x]);
@@ -125,6 +108,8 @@ EXGRAMED_MULTIVERSION void add_row_f32(const float* row, int64_t n, double* acc)
 EXGRAMED_MULTIVERSION void add_row_f64(const double* row, int64_t n, double* acc) {
   for (int64_t x = 0; x < n; ++x) acc[x] += row[x];
 }
+inline void copy_row(const float* row, int64_t n, double* acc) { copy_row_f32(row, n, acc); }
+inline void copy_row(const double* row, int64_t n, double* acc) { std::copy(row, row + n, acc); }
 inline void add_row(const float* row, int64_t n, double* acc) { add_row_f32(row, n, acc); }
 inline void add_row(const double* row, int64_t n, double* acc) { add_row_f64(row, n, acc); }
 
@@ -145,7 +130,9 @@ void grad_q_uniform(const Problem<qt>& p, double* out) {
   std::vector<double> acc(Nk);
   for (int64_t x = 0; x < N; ++x) {
     double* ox = out + x * N;
-    sum_rows(p.Q + x * k * Nk, k, Nk, Nk, acc.data());
+    const qt* rows = p.Q + x * k * Nk;
+    copy_row(rows, Nk, acc.data());
+    for (int64_t s = 1; s < k; ++s) add_row(rows + s * Nk, Nk, acc.data());
     for (int64_t y = 0; y < N; ++y) {
       double s = 0.0;
       for (int64_t t = 0; t < k; ++t) s += acc[y * k + t];
@@ -153,7 +140,7 @@ void grad_q_uniform(const Problem<qt>& p, double* out) {
     }
     const int64_t q0 = p.in1_ptr[x], q1 = p.in1_ptr[x + 1];
     if (q0 < q1) {
-      sum_rows(p.Q + p.in1_e[q0] * Nk, 1, 0, Nk, acc.data());
+      copy_row(p.Q + p.in1_e[q0] * Nk, Nk, acc.data());
       for (int64_t q = q0 + 1; q < q1; ++q) add_row(p.Q + p.in1_e[q] * Nk, Nk, acc.data());
       for (int64_t y = 0; y < N; ++y) {
         double s = 0.0;

@@ -168,22 +168,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_sparse_cpu(
     const scalar_t* Cp = Cc.data_ptr<scalar_t>();
     const scalar_t* w1p = w1c.data_ptr<scalar_t>();
     const scalar_t* w2p = w2c.data_ptr<scalar_t>();
-    // The dense kernel's arithmetic (pair_scores_cpu.cpp), entry by entry.
+    // The dense kernel's step (pair_scores.h), entry by entry.
     for (int64_t x = 0; x < nnz; ++x) {
       const int64_t p = ip[x], e = ip[nnz + x], f = ip[2 * nnz + x];
-      const double gv = vp[x];
-      const int64_t i = e / k, j = t1[p * Nk + e], ca = f / k, cb = t2[p * Nk + f];
-      const scalar_t* Cq = Cp + p * N * N;
-      const double d = static_cast<double>((Cq[i * N + ca] - Cq[i * N + cb]) - (Cq[j * N + ca] - Cq[j * N + cb]));
-      const double we = static_cast<double>(w1p[p * Nk + e]), wf = static_cast<double>(w2p[p * Nk + f]);
-      gw1p[p * Nk + e] += alpha * gv * wf * d;
-      gw2p[p * Nk + f] += alpha * gv * we * d;
-      const double gc = alpha * gv * we * wf;
-      double* gCq = gCp + p * N * N;
-      gCq[i * N + ca] += gc;
-      gCq[i * N + cb] -= gc;
-      gCq[j * N + ca] -= gc;
-      gCq[j * N + cb] += gc;
+      gw1p[p * Nk + e] += alpha * pair_scores_grad_entry(Cp + p * N * N, N, e / k, t1[p * Nk + e], f / k,
+                                                         t2[p * Nk + f], vp[x], static_cast<double>(w1p[p * Nk + e]),
+                                                         static_cast<double>(w2p[p * Nk + f]), alpha,
+                                                         gCp + p * N * N, gw2p[p * Nk + f]);
     }
   });
   return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
