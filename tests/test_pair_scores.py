@@ -2,6 +2,7 @@
 distribution and determinism, the sparse-aware backward (gradcheck, the estimators' sparse gradient),
 errors, opcheck, and the edge lengths align feeds it."""
 import math
+import os
 
 import pytest
 import torch
@@ -45,6 +46,27 @@ def test_matches_reference(device, dtype, P, N, k, noise):
     # The seeded noise is float32 on every backend: its own rounding sets the tolerance there.
     tol = max(RTOL[dtype], 1e-6 if noise == "seed" else 0.0)
     assert rel_err(got.cpu(), want) < tol
+
+
+@pytest.mark.skipif(os.environ.get("EXGRAMED_BUFFER_POOL") == "0", reason="the buffer pool is turned off")
+def test_large_output_reuses_its_buffer_and_rewrites_all_of_it():
+    """Tables of >= 4 MiB come from a pool of reused CPU blocks (csrc/cpu/buffer_pool.h): a freed table's
+    block is handed to the next one of the same size, whose every entry must be freshly written."""
+    gen = torch.Generator().manual_seed(5)
+    P, N, k = 1, 320, 4  # 1280 x 1280 float32: 6.25 MiB
+    first = ek.pair_scores(*inputs(P, N, k, gen, torch.float32), 0.5, -0.25)
+    ptr = first.data_ptr()
+    first.fill_(float("nan"))  # what the next table must not see
+    del first
+    C, w1, w2, n1, n2 = inputs(P, N, k, gen, torch.float32)
+    got = ek.pair_scores(C, w1, w2, n1, n2, 0.5, -0.25, noise_scale=0.3, noise_seed=torch.tensor([11]))
+    assert got.data_ptr() == ptr
+    want = reference.pair_scores(*(t.double() for t in (C, w1, w2)), n1, n2, 0.5, -0.25, noise_scale=0.3,
+                                 noise_seed=11)
+    assert bool(torch.isfinite(got).all())
+    assert rel_err(got, want) < 1e-6
+    other = ek.pair_scores(*inputs(P, N + 1, k, gen, torch.float32), 0.5, -0.25)  # another size: its own block
+    assert other.data_ptr() != got.data_ptr()
 
 
 def test_noise_is_standard_gumbel_and_keyed_by_seed_and_position():

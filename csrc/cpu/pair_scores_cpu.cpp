@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "huge_pages.h"
+#include "buffer_pool.h"
 #include "multiversion.h"
 #include "pair_scores.h"
 #include "row_reductions.h"
@@ -66,9 +66,8 @@ at::Tensor pair_scores_cpu(const at::Tensor& C, const at::Tensor& w1, const at::
   TORCH_CHECK(C.device().is_cpu(), "pair_scores: C must be a CPU tensor for the CPU kernel");
   const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed, "pair_scores");
   const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
-  at::Tensor out = at::empty({P, Nk, Nk}, C.options());
+  at::Tensor out = empty_reused({P, Nk, Nk}, C.options());  // every element is written below
   if (out.numel() == 0) return out;
-  advise_huge_pages(out.data_ptr(), out.nbytes());  // before the first write
   const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor t1 = nbr1.contiguous(), t2 = nbr2.contiguous();
   const at::Tensor nz = a.has_noise ? noise->to(C.scalar_type()).contiguous() : at::Tensor();

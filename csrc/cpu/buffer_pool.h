@@ -1,0 +1,33 @@
+// Reused CPU output buffers for the large tensors an op writes in full every training step
+// (pair_scores' edge-pair table: 39 MB at align's B = 256).
+//
+// A buffer above glibc's largest mmap threshold (32 MiB) is new memory on every allocation: the
+// kernel zero-fills each page on first touch (a quarter of pair_scores' time at B = 256, even in
+// transparent huge pages) and, with huge pages advised, may compact memory first (pair_scores took
+// 2x its time for seconds at a stretch on this VM). A step's table is freed by the time the next
+// step asks for one of the same size, so handing the block back instead of unmapping it removes both.
+//
+// empty_reused(sizes, options): like at::empty on the CPU (contiguous, uninitialised); the caller
+// must write every element. Blocks of at least kPoolMinBytes come from / return to a small
+// process-wide pool keyed by exact byte size (at most kPoolMaxIdle idle blocks, the oldest freed
+// first beyond that), 2 MiB aligned and advised as transparent huge pages once, at allocation.
+// Smaller requests are at::empty. The tensors do not own a resizable storage (like from_blob).
+// EXGRAMED_BUFFER_POOL=0 in the environment turns the pool off (every request is at::empty with
+// the huge-page advice, as before the pool).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstddef>
+
+namespace exgramed {
+
+constexpr size_t kPoolMinBytes = size_t(4) << 20;
+constexpr int kPoolMaxIdle = 2;
+
+at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Idle blocks held and their bytes (tests, diagnostics).
+size_t buffer_pool_idle_blocks();
+size_t buffer_pool_idle_bytes();
+
+}  // namespace exgramed
