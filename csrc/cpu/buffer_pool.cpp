@@ -8,6 +8,7 @@
 #include <deque>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "huge_pages.h"
 
@@ -28,6 +29,7 @@ class Pool {
       for (auto it = idle_.rbegin(); it != idle_.rend(); ++it) {  // the most recently freed first
         if (it->bytes == bytes) {
           void* p = it->ptr;
+          idle_bytes_ -= bytes;
           idle_.erase(std::next(it).base());
           return p;
         }
@@ -41,30 +43,32 @@ class Pool {
     return p;
   }
 
-  // Back to the pool; beyond kPoolMaxIdle idle blocks the oldest is freed.
+  // Back to the pool; beyond kPoolMaxIdle idle blocks or kPoolMaxIdleBytes the oldest are freed
+  // (a block larger than kPoolMaxIdleBytes at once).
   void give(void* p, size_t bytes) {
-    void* drop = nullptr;
+    std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       idle_.push_back({p, bytes});
-      if (static_cast<int>(idle_.size()) > kPoolMaxIdle) {
-        drop = idle_.front().ptr;
+      idle_bytes_ += bytes;
+      while (!idle_.empty() && (static_cast<int>(idle_.size()) > kPoolMaxIdle || idle_bytes_ > kPoolMaxIdleBytes)) {
+        drop.push_back(idle_.front().ptr);
+        idle_bytes_ -= idle_.front().bytes;
         idle_.pop_front();
       }
     }
-    std::free(drop);  // outside the lock (munmap)
+    for (void* q : drop) std::free(q);  // outside the lock (munmap)
   }
 
   std::pair<size_t, size_t> idle() {
     std::lock_guard<std::mutex> lock(mutex_);
-    size_t b = 0;
-    for (const Block& x : idle_) b += x.bytes;
-    return {idle_.size(), b};
+    return {idle_.size(), idle_bytes_};
   }
 
  private:
   std::mutex mutex_;
   std::deque<Block> idle_;
+  size_t idle_bytes_ = 0;
 };
 
 // Never destroyed: tensors (and so deleters) can outlive static destruction at exit.

@@ -1,6 +1,6 @@
 // The reused output buffers (cpu/buffer_pool.h): a freed block of the same size is handed out
 // again, other sizes get their own, at most kPoolMaxIdle idle blocks are kept, small requests
-// bypass the pool, and the tensors behave as ordinary CPU tensors.
+// bypass the pool, the idle bytes stay under the cap, and the tensors behave as ordinary CPU tensors.
 #include "cpu/buffer_pool.h"
 #include "test_util.h"
 
@@ -52,6 +52,20 @@ int main() {
     v.fill_(1.0f);
     EXPECT(v.sum().item<double>() == 100.0);
   }
+
+  // A block above the idle cap is freed at once; blocks that would pass it push the oldest out.
+  {
+    const int64_t big = int64_t(exgramed::kPoolMaxIdleBytes / 4) + 1;
+    at::Tensor huge = empty_reused({big}, opts);
+    huge.fill_(0.0f);
+  }
+  EXPECT(buffer_pool_idle_bytes() <= exgramed::kPoolMaxIdleBytes);
+  {
+    const int64_t third = int64_t(exgramed::kPoolMaxIdleBytes / 4 / 3) + 1;  // two fit, not with the rest
+    at::Tensor a = empty_reused({third}, opts), b = empty_reused({third + 1}, opts);
+  }
+  EXPECT(buffer_pool_idle_bytes() <= exgramed::kPoolMaxIdleBytes);
+  EXPECT(buffer_pool_idle_blocks() <= size_t(exgramed::kPoolMaxIdle));
 
   EXPECT_THROWS_WITH(empty_reused({4}, opts.device(at::kMeta)), "CPU tensors only");
   return exgramed_test::failures;
