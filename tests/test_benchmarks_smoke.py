@@ -11,6 +11,7 @@ import os
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
@@ -111,3 +112,26 @@ def test_gpu_timing_dry_run_feeds_the_report(tiny_report, tmp_path):
               and r["provider"] == "ours")
     assert f"| {report.fmt_time(t8)} | {100 * t8 / (overhead.SECONDS_PER_SAMPLE * 8):.4f} % |" in text
     assert "Device: CPU dry run" in text
+
+
+def test_solver_budget_table(tmp_path, monkeypatch):
+    """benchmarks/solver_budget.py on one tiny batch: align's default budget first, every budget compared
+    with it and with the official-equivalent's solver on the same problems, and the table written."""
+    from benchmarks import solver_budget
+
+    rows = solver_budget.run([(16, 1)], repeats=1, log=lambda *_: None)
+    assert [(r["max_iter"], r["tol"]) for r in rows] == solver_budget.BUDGETS
+    first = rows[0]
+    assert (first["max_iter"], first["vs_default"], first["speedup"]) == (50, 0.0, 1.0)
+    for r in rows:
+        assert r["n"] == 6 and 0 <= r["at_least_peer"] <= 6 and r["ms"] > 0
+        assert r["worst_vs_peer"] <= r["vs_peer"]
+    out = tmp_path / "budget.md"
+    monkeypatch.setattr("sys.argv", ["solver_budget.py", "--sizes", "16:1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        solver_budget.main()  # sets torch's thread count
+    finally:
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    assert text.count("\n| 16 | ") == len(solver_budget.BUDGETS) and "official-equivalent" in text
