@@ -187,7 +187,7 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
                  dropout_mask: torch.Tensor | None = None, k: int = 5, lambda_: float = 80.0,
                  noise_scale: float = 0.5, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
                  metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
-                 partial: bool = False, max_iter: int = 30, tol: float = 1e-6, restarts: int = 1,
+                 partial: bool = False, max_iter: int = 50, tol: float = 1e-6, restarts: int = 1,
                  seed: int = 0, *, edge_floor: float = 0.1, process_group=None,
                  x_global: tuple[torch.Tensor, list[int]] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

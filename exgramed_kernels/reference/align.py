@@ -78,7 +78,7 @@ def align(
     x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
     dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.3, solver="fw", estimator="imle",
     mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
-    partial=False, max_iter=30, tol=1e-6, restarts=1, seed=0, noise_seed=None, edge_floor=0.1,
+    partial=False, max_iter=50, tol=1e-6, restarts=1, seed=0, noise_seed=None, edge_floor=0.1,
 ):
     """Reference of ``torch.ops.exgramed.align`` (same arguments and results; see the op's docs)."""
     K, N, _ = x.shape
