@@ -198,9 +198,9 @@ def ours_stages(m, x, times):
         lap("solve (fwd)")
 
 
-def solver_quality(m, x):
-    """Our forward matchings vs the official-equivalent's solver (scipy Frank-Wolfe) on the same 2K
-    noisy problems: (mean relative objective difference, problems where ours >= theirs, problems)."""
+def forward_problems(m, x, noise_seed):
+    """The 2K noisy problems of the module's forward (its settings, barycenter mode), without autograd:
+    ``(U, Q, nbr1, nbr2)``; the unary noise from torch's generator, the quadratic from ``noise_seed``."""
     o = m.opts
     Kx, B, _ = x.shape
     with torch.no_grad():
@@ -209,22 +209,32 @@ def solver_quality(m, x):
         h = torch.ops.exgramed.graph_conv(graphs, nbr, m.w_root1, m.w_rel1, m.bias1, m.aggr, o["reverse"], True)
         h = torch.ops.exgramed.graph_conv(h, nbr, m.w_root2, m.w_rel2, m.bias2, m.aggr, o["reverse"], True)
         src, dst = problem_graphs(Kx, "barycenter")
-        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, o["copy_structure"], None, o["noise_scale"],
-                                          torch.randint(0, 2**62, (1,)))
+        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, o["copy_structure"], None, o["noise_scale"], noise_seed)
         U = U + o["noise_scale"] * sample_gumbel((len(src), B, B))
+    return U, Q, nbr1, nbr2
+
+
+def solver_quality(m, x):
+    """Our forward matchings vs the official-equivalent's solver (scipy Frank-Wolfe) on the same 2K
+    noisy problems: (mean relative objective difference, problems where ours >= theirs, problems)."""
+    partial = m.opts["partial"]
+    U, Q, nbr1, nbr2 = forward_problems(m, x, torch.randint(0, 2**62, (1,)))
+    with torch.no_grad():
         Z, _ = ek.qap_solve(U, nbr1, nbr2, Q, method=m.solver, max_iter=m.max_iter, tol=m.tol,
-                              restarts=m.restarts, partial=o["partial"])
-        theirs = []
-        for p in range(len(src)):
-            e1 = nbr1[p].reshape(-1).numpy()
-            e2 = nbr2[p].reshape(-1).numpy()
-            s1 = np.repeat(np.arange(B), KNN)
-            theirs.append(torch.from_numpy(_fw_scipy(U[p].double().numpy(), Q[p].double().numpy(), s1, e1, s1, e2,
-                                                     partial=o["partial"])))
+                            restarts=m.restarts, partial=partial)
         obj_ours = ek.qap_objective(Z.double(), U.double(), nbr1, nbr2, Q.double())  # both in float64
-        obj_theirs = ek.qap_objective(torch.stack(theirs), U.double(), nbr1, nbr2, Q.double())
+    obj_theirs = peer_objectives(U, Q, nbr1, nbr2, partial)
     rel = (obj_ours - obj_theirs) / obj_theirs.abs().clamp_min(1e-9)
-    return float(rel.mean()), int((obj_ours >= obj_theirs - 1e-9 * obj_theirs.abs()).sum()), len(src)
+    return float(rel.mean()), int((obj_ours >= obj_theirs - 1e-9 * obj_theirs.abs()).sum()), U.shape[0]
+
+
+def peer_objectives(U, Q, nbr1, nbr2, partial):
+    """The official-equivalent solver's matchings (``_fw_scipy``) of the problems, their float64 objectives."""
+    B = U.shape[1]
+    s1 = np.repeat(np.arange(B), KNN)
+    Zs = [torch.from_numpy(_fw_scipy(U[p].double().numpy(), Q[p].double().numpy(), s1, nbr1[p].reshape(-1).numpy(),
+                                     s1, nbr2[p].reshape(-1).numpy(), partial=partial)) for p in range(U.shape[0])]
+    return ek.qap_objective(torch.stack(Zs), U.double(), nbr1, nbr2, Q.double())
 
 
 def floor_gemms(x, ws):

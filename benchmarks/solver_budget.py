@@ -18,13 +18,11 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import exgramed_kernels as ek  # noqa: E402
-from benchmarks.compare_align import KNN, K, _fw_scipy  # noqa: E402
-from exgramed_kernels.align import problem_graphs, problem_scores, sample_gumbel  # noqa: E402
+from benchmarks.compare_align import KNN, K, forward_problems, peer_objectives  # noqa: E402
 
 BUDGETS = [(50, 1e-6), (30, 1e-6), (50, 1e-8), (30, 1e-4), (30, 1e-3), (30, 1e-2), (10, 1e-6), (5, 1e-6), (3, 1e-6)]
 
@@ -34,25 +32,7 @@ def problems(B, seed, d=512):
     torch.manual_seed(seed)
     x = torch.randn(K, B, d)
     m = ek.MultiGraphAlignment(d, d, k=KNN, official=True, dropout=0.0)
-    o = m.opts
-    with torch.no_grad():
-        graphs = torch.cat([x, x.mean(0, keepdim=True)])
-        nbr = torch.ops.exgramed.knn_graph(graphs, m.k, o["metric"])
-        h = torch.ops.exgramed.graph_conv(graphs, nbr, m.w_root1, m.w_rel1, m.bias1, m.aggr, o["reverse"], True)
-        h = torch.ops.exgramed.graph_conv(h, nbr, m.w_root2, m.w_rel2, m.bias2, m.aggr, o["reverse"], True)
-        src, dst = problem_graphs(K, "barycenter")
-        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, o["copy_structure"], None, o["noise_scale"],
-                                          torch.tensor([seed + 1]))
-        U = U + o["noise_scale"] * sample_gumbel((len(src), B, B))
-    return U, Q, nbr1, nbr2, o["partial"]
-
-
-def peer_objectives(U, Q, nbr1, nbr2, partial):
-    B = U.shape[1]
-    s1 = np.repeat(np.arange(B), KNN)
-    Zs = [torch.from_numpy(_fw_scipy(U[p].double().numpy(), Q[p].double().numpy(), s1, nbr1[p].reshape(-1).numpy(),
-                                     s1, nbr2[p].reshape(-1).numpy(), partial=partial)) for p in range(U.shape[0])]
-    return ek.qap_objective(torch.stack(Zs), U.double(), nbr1, nbr2, Q.double())
+    return (*forward_problems(m, x, torch.tensor([seed + 1])), m.opts["partial"])
 
 
 def run(sizes, repeats=3, log=print):
