@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import exgramed_kernels as ek  # noqa: E402
-from exgramed_kernels.align import problem_graphs, problem_scores, sample_gumbel  # noqa: E402
+from exgramed_kernels.align import problem_graphs, problem_scores  # noqa: E402
+from exgramed_kernels.module import sample_gumbel  # noqa: E402
 
 K, KNN = 3, 5
 
@@ -176,52 +177,52 @@ def official_pipeline(x, convs, un, qn, times):
 
 def ours_stages(m, x, times):
     """The op's stages run one by one (same calls as the composite), for the breakdown."""
-    o = m.opts
+    o = m.config
     lap = _stage_clock(times)
 
     Kx, B, _ = x.shape
     with torch.no_grad():
         graphs = torch.cat([x, x.mean(0, keepdim=True)])
-        nbr = torch.ops.exgramed.knn_graph(graphs, m.k, o["metric"])
+        nbr = torch.ops.exgramed.knn_graph(graphs, m.config.k, o.metric)
         lap("knn")
-        h = torch.ops.exgramed.graph_conv(graphs, nbr, m.w_root1, m.w_rel1, m.bias1, m.aggr, o["reverse"], True)
-        h = torch.ops.exgramed.graph_conv(h, nbr, m.w_root2, m.w_rel2, m.bias2, m.aggr, o["reverse"], True)
+        h = torch.ops.exgramed.graph_conv(graphs, nbr, m.w_root1, m.w_rel1, m.bias1, m.config.aggr, o.reverse, True)
+        h = torch.ops.exgramed.graph_conv(h, nbr, m.w_root2, m.w_rel2, m.bias2, m.config.aggr, o.reverse, True)
         lap("graph_conv")
         src, dst = problem_graphs(Kx, "barycenter")
         un = sample_gumbel((len(src), B, B))
-        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, o["copy_structure"], None, o["noise_scale"],
-                                          torch.randint(0, 2**62, (1,)))
-        U = U + o["noise_scale"] * un
+        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, o.copy_structure, None, o.noise_scale,
+                                          torch.randint(0, 2**62, (len(src),)))
+        U = U + o.noise_scale * un
         lap("scores")
-        torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, m.solver, m.max_iter, m.tol, m.restarts,
-                                     o["partial"], 0, "imle", 80.0)
+        torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, m.config.solver, m.config.max_iter, m.config.tol, m.config.restarts,
+                                     o.partial, 0, "imle", 80.0)
         lap("solve (fwd)")
 
 
 def forward_problems(m, x, noise_seed):
     """The 2K noisy problems of the module's forward (its settings, barycenter mode), without autograd:
     ``(U, Q, nbr1, nbr2)``; the unary noise from torch's generator, the quadratic from ``noise_seed``."""
-    o = m.opts
+    o = m.config
     Kx, B, _ = x.shape
     with torch.no_grad():
         graphs = torch.cat([x, x.mean(0, keepdim=True)])
-        nbr = torch.ops.exgramed.knn_graph(graphs, m.k, o["metric"])
-        h = torch.ops.exgramed.graph_conv(graphs, nbr, m.w_root1, m.w_rel1, m.bias1, m.aggr, o["reverse"], True)
-        h = torch.ops.exgramed.graph_conv(h, nbr, m.w_root2, m.w_rel2, m.bias2, m.aggr, o["reverse"], True)
+        nbr = torch.ops.exgramed.knn_graph(graphs, m.config.k, o.metric)
+        h = torch.ops.exgramed.graph_conv(graphs, nbr, m.w_root1, m.w_rel1, m.bias1, m.config.aggr, o.reverse, True)
+        h = torch.ops.exgramed.graph_conv(h, nbr, m.w_root2, m.w_rel2, m.bias2, m.config.aggr, o.reverse, True)
         src, dst = problem_graphs(Kx, "barycenter")
-        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, o["copy_structure"], None, o["noise_scale"], noise_seed)
-        U = U + o["noise_scale"] * sample_gumbel((len(src), B, B))
+        U, Q, nbr1, nbr2 = problem_scores(h, nbr, src, dst, o.copy_structure, None, o.noise_scale, noise_seed)
+        U = U + o.noise_scale * sample_gumbel((len(src), B, B))
     return U, Q, nbr1, nbr2
 
 
 def solver_quality(m, x):
     """Our forward matchings vs the official-equivalent's solver (scipy Frank-Wolfe) on the same 2K
     noisy problems: (mean relative objective difference, problems where ours >= theirs, problems)."""
-    partial = m.opts["partial"]
-    U, Q, nbr1, nbr2 = forward_problems(m, x, torch.randint(0, 2**62, (1,)))
+    partial = m.config.partial
+    U, Q, nbr1, nbr2 = forward_problems(m, x, torch.randint(0, 2**62, (len(src),)))
     with torch.no_grad():
-        Z, _ = ek.qap_solve(U, nbr1, nbr2, Q, method=m.solver, max_iter=m.max_iter, tol=m.tol,
-                            restarts=m.restarts, partial=partial)
+        Z, _ = ek.qap_solve(U, nbr1, nbr2, Q, method=m.config.solver, max_iter=m.config.max_iter, tol=m.config.tol,
+                            restarts=m.config.restarts, partial=partial)
         obj_ours = ek.qap_objective(Z.double(), U.double(), nbr1, nbr2, Q.double())  # both in float64
     obj_theirs = peer_objectives(U, Q, nbr1, nbr2, partial)
     rel = (obj_ours - obj_theirs) / obj_theirs.abs().clamp_min(1e-9)

@@ -330,7 +330,7 @@ def check_align(R: Runner, B=24, d=32, k=5) -> dict:
     for key, dev in (("cpu", "cpu"), ("device", R.dev)):
         xx = x.to(dev).requires_grad_()
         loss, Z = ek.align(xx, ws[0].to(dev), ws[1].to(dev), bs[0].to(dev), ws[2].to(dev), ws[3].to(dev),
-                           bs[1].to(dev), un.to(dev), qn.to(dev), None, k)
+                           bs[1].to(dev), un.to(dev), qn.to(dev), None, k=k)
         loss.backward()
         out[key] = (loss.item(), Z.cpu(), xx.grad.cpu())
     (l0, z0, g0), (l1, z1, g1) = out["cpu"], out["device"]

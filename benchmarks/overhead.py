@@ -71,7 +71,7 @@ def demo_share(mode: str, log=print) -> dict:
     from exgramed_train.training import TrainConfig, train
 
     paths = demo_models()
-    spec = ModelSpec(llm=paths["llm"], vision=paths["vision"], tokenizer=paths["tokenizer"], align_k=DEMO["align_k"])
+    spec = ModelSpec(llm=paths["llm"], vision=paths["vision"], tokenizer=paths["tokenizer"])
     steps = DEMO_STEPS[mode]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def demo_share(mode: str, log=print) -> dict:
     step = sorted(r["step_time"] for r in recs)
     align = sorted(r["align_time"] for r in recs)
     out = {
-        "steps": len(recs), "micro_batch": DEMO["micro_batch"], "K": 3, "d": d, "k": DEMO["align_k"],
+        "steps": len(recs), "micro_batch": DEMO["micro_batch"], "K": 3, "d": d, "k": spec.align_k,
         "median_step_s": step[len(step) // 2], "median_align_s": align[len(align) // 2],
         "share": sum(r["align_time"] for r in recs) / sum(r["step_time"] for r in recs), "wall_s": wall,
     }
@@ -160,7 +160,7 @@ def _memory_child(which: str, B: int, d: int) -> dict:
         from torch_geometric.nn import GraphConv
 
         from benchmarks.compare_align import official_pipeline
-        from exgramed_kernels.align import sample_gumbel
+        from exgramed_kernels.module import sample_gumbel
 
         convs = (GraphConv(d, d, aggr="max"), GraphConv(d, d, aggr="max"))
         un, qn = sample_gumbel((6, B, B)), sample_gumbel((6, B * 5, B * 5))

@@ -34,7 +34,7 @@ def problems(B, seed, d=512):
     torch.manual_seed(seed)
     x = torch.randn(K, B, d)
     m = ek.MultiGraphAlignment(d, d, k=KNN, official=True, dropout=0.0)
-    return (*forward_problems(m, x, torch.tensor([seed + 1])), m.opts["partial"])
+    return (*forward_problems(m, x, seed + 1 + torch.arange(2 * K)), m.config.partial)
 
 
 def run(sizes, repeats=3, log=print):

@@ -242,7 +242,7 @@ def qap_suite(mode: str, log=print) -> list[dict]:
 def align_suite(mode: str, log=print) -> list[dict]:
     """align fwd+bwd (MultiGraphAlignment, official settings) vs the official-equivalent pipeline and the GEMM floor."""
     from .compare_align import K, KNN, floor_gemms, official_pipeline
-    from exgramed_kernels.align import sample_gumbel
+    from exgramed_kernels.module import sample_gumbel
 
     d = DIMS[mode]
     out = []

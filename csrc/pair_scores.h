@@ -6,7 +6,8 @@
 //
 // e = i*k + s, j = nbr1[p, i, s]; f = a*k + t, b = nbr2[p, a, t]; C = C[p] (N x N). n is the given
 // noise tensor, or (noise_seed given) a standard Gumbel sample from a counter-based generator keyed
-// by (seed, p, e, f): -log(-log(u)), u = (23 random bits, then a 1) / 2^24, in float32 on every backend.
+// by (noise_seed[p], e, f): -log(-log(u)), u = (23 random bits, then a 1) / 2^24, in float32 on every
+// backend. The key travels with the problem: a problem's noise does not depend on its row in the batch.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
@@ -30,7 +31,7 @@ C10_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
   return x;
 }
 
-// The two 32-bit keys of row r = p * Nk + e of the noise.
+// The two 32-bit keys of row e of a problem's noise (seed: the problem's noise_seed).
 C10_HOST_DEVICE inline void noise_row_keys(int64_t seed, int64_t row, uint32_t& lo, uint32_t& hi) {
   uint64_t s = static_cast<uint64_t>(seed);
   s = splitmix64(s) ^ (static_cast<uint64_t>(row) * 0xD1B54A32D192ED03ull);
@@ -75,10 +76,10 @@ C10_HOST_DEVICE inline float gumbel_at(uint32_t f, uint32_t lo, uint32_t hi) {
 struct PairScoresArgs {
   int64_t P = 0, N = 0, k = 0, Nk = 0;
   bool has_noise = false, has_seed = false;
-  int64_t seed = 0;
+  at::Tensor seeds;  // noise_seed as a contiguous int64 [P] tensor on C's device
 };
 
-// Checks; returns the sizes. noise_seed: a CPU int64 scalar tensor (read here, on the host).
+// Checks; returns the sizes. noise_seed: int64 [P] on C's device, one key per problem.
 inline PairScoresArgs check_pair_scores_args(const at::Tensor& C, const at::Tensor& w1, const at::Tensor& w2,
                                              const at::Tensor& nbr1, const at::Tensor& nbr2,
                                              const c10::optional<at::Tensor>& noise,
@@ -119,11 +120,12 @@ inline PairScoresArgs check_pair_scores_args(const at::Tensor& C, const at::Tens
   }
   if (noise_seed.has_value()) {
     const at::Tensor& s = *noise_seed;
-    TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 1 && s.device().is_cpu(), op,
-                ": noise_seed must be a CPU int64 tensor with one element, got ", s.scalar_type(), " ", s.sizes(), " on ",
-                s.device());
+    TORCH_CHECK(s.scalar_type() == at::kLong && s.dim() == 1 && s.size(0) == a.P, op,
+                ": noise_seed must be an int64 tensor of shape [P] = [", a.P, "] (one seed per problem), got ",
+                s.scalar_type(), " ", s.sizes());
+    check_same_device(s, "noise_seed", C, "C");
     a.has_seed = true;
-    a.seed = s.item<int64_t>();
+    a.seeds = s.contiguous();
   }
   TORCH_CHECK(a.Nk < (int64_t(1) << 31), op, ": N*k must be < 2^31, got ", a.Nk);
   return a;
@@ -181,48 +183,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_aten(
   const at::Tensor grad_w1 = (gin * w2.unsqueeze(1)).sum(2);
   const at::Tensor grad_w2 = (gin * w1.unsqueeze(2)).sum(1);
   return {grad_C, grad_w1, grad_w2};
-}
-
-// edge_sq_norms: d2[g, i*k + s] = sum_c (h[g, i, c] - h[g, nbr[g, i, s], c])^2, the squared lengths of
-// the kNN edges (align's edge normalisation), from the differences themselves (no cancellation).
-inline void check_edge_sq_norms_args(const at::Tensor& h, const at::Tensor& nbr, const char* op) {
-  TORCH_CHECK(h.dim() == 3, op, ": h must have shape [G, N, h], got ", h.sizes());
-  check_float(h, (std::string(op) + ": h").c_str());
-  TORCH_CHECK(nbr.scalar_type() == at::kLong && nbr.dim() == 3 && nbr.size(0) == h.size(0) && nbr.size(1) == h.size(1),
-              op, ": nbr must be int64 [G, N, k] = [", h.size(0), ", ", h.size(1), ", k], got ", nbr.scalar_type(), " ",
-              nbr.sizes());
-  check_same_device(nbr, "nbr", h, "h");
-  if (nbr.numel() > 0) {
-    TORCH_CHECK(nbr.min().item<int64_t>() >= 0 && nbr.max().item<int64_t>() < h.size(1), op,
-                ": nbr entries must lie in [0, ", h.size(1), ")");
-  }
-}
-
-inline void check_edge_sq_norms_backward_args(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
-  check_edge_sq_norms_args(h, nbr, "edge_sq_norms_backward");
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == h.size(0) && grad.size(1) == h.size(1) * nbr.size(2),
-              "edge_sq_norms_backward: grad must have shape [G, N*k] = [", h.size(0), ", ", h.size(1) * nbr.size(2),
-              "], got ", grad.sizes());
-  check_same_device(grad, "grad", h, "h");
-}
-
-// The squared lengths with ATen ops (any device; the CPU has a fused kernel): [G, N k] in h's dtype.
-inline at::Tensor edge_sq_norms_aten(const at::Tensor& h, const at::Tensor& nbr) {
-  const int64_t G = h.size(0), N = h.size(1), H = h.size(2), k = nbr.size(2);
-  const at::Tensor rows = (nbr + N * at::arange(G, nbr.options()).view({G, 1, 1})).reshape({G * N * k});
-  const at::Tensor diff = h.unsqueeze(2) - h.reshape({G * N, H}).index_select(0, rows).view({G, N, k, H});
-  return diff.square().sum(-1).reshape({G, N * k});
-}
-
-// Its backward with ATen ops: dh_i = 2 sum_s g_is (h_i - h_j) - 2 sum_{edges (x, i)} g_x. (h_x - h_i), the
-// second sum as a batched GEMM with the one-hot tail matrix (deterministic, no atomics).
-inline at::Tensor edge_sq_norms_backward_aten(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
-  const int64_t G = h.size(0), N = h.size(1), H = h.size(2), k = nbr.size(2);
-  const at::Tensor rows = (nbr + N * at::arange(G, nbr.options()).view({G, 1, 1})).reshape({G * N * k});
-  const at::Tensor diff = h.unsqueeze(2) - h.reshape({G * N, H}).index_select(0, rows).view({G, N, k, H});
-  const at::Tensor gd = (2 * grad.to(h.scalar_type()).view({G, N, k, 1})) * diff;  // [G, N, k, H]
-  const at::Tensor tails = at::zeros({G, N * k, N}, h.options()).scatter_(2, nbr.reshape({G, N * k, 1}), 1.0);
-  return gd.sum(2) - at::bmm(tails.transpose(1, 2), gd.reshape({G, N * k, H}));
 }
 
 }  // namespace exgramed

@@ -41,10 +41,10 @@ C10_HOST_DEVICE inline uint64_t splitmix64(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
-// Fisher-Yates permutation of 0..N-1 for start r of problem g.
-C10_HOST_DEVICE inline void random_start_perm(int64_t seed, int64_t g, int64_t r, int64_t N, int64_t* perm) {
+// Fisher-Yates permutation of 0..N-1 for start r. Keyed by (seed, r) only: a problem's starts do not
+// depend on its position in the batch.
+C10_HOST_DEVICE inline void random_start_perm(int64_t seed, int64_t r, int64_t N, int64_t* perm) {
   uint64_t s = static_cast<uint64_t>(seed);
-  s = splitmix64(s) ^ (static_cast<uint64_t>(g) * 0xD1B54A32D192ED03ull);
   s = splitmix64(s) ^ (static_cast<uint64_t>(r) * 0x8CB92BA72F3D8DD7ull);
   for (int64_t i = 0; i < N; ++i) perm[i] = i;
   for (int64_t i = N - 1; i > 0; --i) {

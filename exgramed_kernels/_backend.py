@@ -69,3 +69,13 @@ def register_fallback(name: str) -> Callable[[Callable], Callable]:
 def has_kernel(name: str, dispatch_key: str) -> bool:
     """Whether op `name` has a kernel registered for `dispatch_key` (e.g. "CPU", "CUDA")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", dispatch_key)
+
+
+def register_no_gradient(name: str, what: str) -> None:
+    """Make a gradient requested through op ``name`` raise, naming ``what`` has none (an internal op whose
+    derivative is not implemented), instead of PyTorch's silent None or zero."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"exgramed::{name}: {what} is not differentiable (no gradient through it is implemented)")
+
+    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward)

@@ -38,12 +38,11 @@ same state, each drawing the global noise tensors exactly as the single-process 
 shapes, same order). With ``torch.manual_seed(s)`` on rank 0 the step is therefore the step of a
 single process seeded with s on the concatenated batch; the other ranks' generators are untouched.
 
-Exactness of the solver: ``qap_solve``'s random starts ``r >= 2`` are keyed by the problem's
-position in the batch it is given, which differs between the shard and the single-process batch.
-With at most 2 starts (``restarts <= 2``; ``restarts=-1`` picks 2 for N > 64, i.e. every global
-batch above 64 samples) the starts are position-free and the result is the single-process result;
-with more starts on small graphs a problem may explore other random starts, hence possibly another
-local optimum (see ``docs/distributed.md``).
+Exactness: the shard runs the pipeline of ``align`` (:func:`~exgramed_kernels.align.align_problems`) on
+its problems, and everything a problem's result depends on travels with it -- its graphs, its noise
+(the in-kernel quadratic noise is keyed by the problem's own seed) and the solver's starts (keyed by
+the seed and the start, not the problem's position in the batch) -- so each rank's matchings are the
+single-process ones, with any number of starts.
 """
 from __future__ import annotations
 
@@ -51,7 +50,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .align import _check_align_args, hamming_to_identity, node_features, problem_graphs, problem_scores, sample_gumbel
+from .align import align_problems, check_align_inputs, compute_dtype, num_samples, problem_graphs
+from .config import DEFAULTS, AlignConfig
 
 GRAPH_SCOPES = ("local", "global")
 
@@ -125,7 +125,7 @@ class _SumLosses(torch.autograd.Function):
 
     The mean, not the sum: the solver's estimator is not linear in the gradient it receives (it
     re-solves at ``theta - lambda * dL/dZ``), so it must see the single-process gradient; the
-    factor W of the data-parallel convention is applied after the solver (:class:`_ScaleGrad`).
+    factor W of the data-parallel convention is applied after the solver (``align_problems``' ``grad_scale``).
     """
 
     @staticmethod
@@ -140,19 +140,6 @@ class _SumLosses(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad / dist.get_world_size(ctx.group), None
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``scale`` (the world size W)."""
-
-    @staticmethod
-    def forward(ctx, t, scale):
-        ctx.scale = scale
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
 
 
 def shared_generator(device: torch.device, group=None) -> torch.Generator:
@@ -184,20 +171,17 @@ def shared_generator(device: torch.device, group=None) -> torch.Generator:
 def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: torch.Tensor | None,
                  w_root2: torch.Tensor, w_rel2: torch.Tensor, bias2: torch.Tensor | None,
                  unary_noise: torch.Tensor | None = None, quadratic_noise: torch.Tensor | None = None,
-                 dropout_mask: torch.Tensor | None = None, k: int = 5, lambda_: float = 80.0,
-                 noise_scale: float = 0.5, solver: str = "fw", estimator: str = "imle", mode: str = "barycenter",
-                 metric: str = "cosine", aggr: str = "max", reverse: bool = False, copy_structure: bool = False,
-                 partial: bool = False, max_iter: int = 50, tol: float = 1e-6, restarts: int = 1,
-                 seed: int = 0, *, edge_floor: float = 0.1, process_group=None,
-                 x_global: tuple[torch.Tensor, list[int]] | None = None
+                 dropout_mask: torch.Tensor | None = None, noise_seed: torch.Tensor | None = None, *,
+                 config: AlignConfig | None = None, process_group=None,
+                 x_global: tuple[torch.Tensor, list[int]] | None = None, **options
                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     r""":func:`exgramed_kernels.align` over the global batch of a process group, problems sharded.
 
     Every rank passes its own rows ``x: [K, B_r, d]`` (``B_r`` may differ, and be 0) and the
-    *global* noise tensors (identical on every rank: ``[S, P | 1, B, B]``, ``[S, P | 1, Bk, Bk]``,
-    dropout ``[2, G, B, h]`` with ``B = sum_r B_r``); the weights are the replicated module's.
-    Computes ``align(cat_r x_r, ...)`` (every argument as there), with rank r solving the problems
-    ``j % W == r`` of the ``S * P`` (module docstring). ``x_global``: an already gathered
+    *global* noise inputs (identical on every rank: ``[S, P | 1, B, B]``, ``[S, P | 1, Bk, Bk]`` or the
+    seeds ``[S, P | 1]``, dropout ``[2, G, B, h]`` with ``B = sum_r B_r``); the weights are the replicated
+    module's. Computes ``align(cat_r x_r, ...)`` (every argument and option as there), with rank r solving
+    the problems ``j % W == r`` of the ``S * P`` (module docstring). ``x_global``: an already gathered
     ``(x_global, sizes)`` from :func:`gather_batch` (the module gathers first to size the noise).
     ``process_group``: the ranks whose batches form the global batch (default: WORLD). Under
     DDP/FSDP give a group of its own (``dist.new_group``), not the wrapper's: see
@@ -210,121 +194,27 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
         expects), ``Z: [len(problems), B, B]`` this rank's matchings, ``problems`` their flat
         indices ``j = s * P + p`` (rows ``j`` of the single-process Z).
     """
+    cfg = (DEFAULTS if config is None else config).replace(**options)
     world, rank = _group_info(process_group)
     xg, sizes = gather_batch(x, process_group) if x_global is None else x_global
-    _check_align_args(xg, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise, quadratic_noise,
-                      dropout_mask, k, lambda_, noise_scale, solver, estimator, mode, None, edge_floor)
+    weights = (w_root1, w_rel1, bias1, w_root2, w_rel2, bias2)
+    check_align_inputs(xg, weights, unary_noise, quadratic_noise, dropout_mask, noise_seed, cfg)
     K, N, _ = xg.shape
-    src, dst = problem_graphs(K, mode)
-    P = len(src)
-    S = 1
-    for noise in (unary_noise, quadratic_noise):
-        if noise is not None:
-            S = noise.shape[0]
-    jobs = shard(S * P, world, rank)
-    dtype = torch.float64 if xg.dtype == torch.float64 else torch.float32
+    P = len(problem_graphs(K, cfg.mode)[0])
+    jobs = shard(num_samples(unary_noise, quadratic_noise, noise_seed) * P, world, rank)
+    dtype = compute_dtype(xg)
     with torch.autocast(xg.device.type, enabled=False):
         if jobs:
-            part, Z = _shard_loss(process_group, xg.to(dtype), [w.to(dtype) if w is not None else None for w in
-                                                 (w_root1, w_rel1, bias1, w_root2, w_rel2, bias2)],
-                                  unary_noise, quadratic_noise, dropout_mask, jobs, S, P, src, dst, k, lambda_,
-                                  noise_scale, solver, estimator, mode, metric, aggr, reverse, copy_structure,
-                                  partial, max_iter, tol, restarts, seed, dtype, edge_floor)
+            # The estimator gets the single-process dL/dZ (_SumLosses); the scores' gradients get the factor W.
+            part, Z = align_problems(xg.to(dtype), weights, unary_noise, quadratic_noise, dropout_mask, noise_seed,
+                                     cfg, problems=jobs, grad_scale=float(world))
         else:
             # No problem here (W > S P): a zero that still depends on x and the weights, so this
             # rank joins the gather's backward collective and DDP sees every parameter used.
-            part = sum(t.sum() for t in (xg, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2)
-                       if t is not None).to(dtype) * 0.0
+            part = sum(t.sum() for t in (xg, *weights) if t is not None).to(dtype) * 0.0
             Z = torch.zeros(0, N, N, dtype=dtype, device=xg.device)
         loss = _SumLosses.apply(part, process_group)
     return loss, Z, jobs
-
-
-def _shard_loss(group, x, ws, unary_noise, quadratic_noise, dropout_mask, jobs, S, P, src, dst, k, lambda_,
-                noise_scale, solver, estimator, mode, metric, aggr, reverse, copy_structure, partial, max_iter,
-                tol, restarts, seed, dtype, edge_floor=0.0):
-    """``sum_{j in jobs} hamming_j / (S P)`` and the jobs' Z: ``align``'s pipeline on the needed graphs only."""
-    K = x.shape[0]
-    s_of = [j // P for j in jobs]
-    p_of = [j % P for j in jobs]
-    needed = sorted({src[p] for p in p_of} | {dst[p] for p in p_of})
-    slot = {g: i for i, g in enumerate(needed)}
-    # The graphs are independent through kNN and GraphConv: computing only the needed ones gives
-    # the single-process features of those graphs.
-    graphs = torch.stack([x.mean(0) if g == K else x[g] for g in needed])
-    h, nbr = node_features(graphs, ws, None if dropout_mask is None else dropout_mask[:, needed],
-                           k, metric, aggr, reverse, dtype)
-    # Unique (src, dst) pairs: with S > 1 samples a problem recurs with other noise.
-    a = [slot[src[p]] for p in p_of]
-    b = [slot[dst[p]] for p in p_of]
-    U, Q, nbr1, nbr2 = problem_scores(h, nbr, a, b, copy_structure, edge_floor=edge_floor)
-    if unary_noise is not None:
-        sel = p_of if unary_noise.shape[1] == P else [0] * len(jobs)
-        U = torch.add(U, unary_noise[s_of, sel].to(dtype), alpha=noise_scale)
-    if quadratic_noise is not None:
-        sel = p_of if quadratic_noise.shape[1] == P else [0] * len(jobs)
-        Q = torch.add(Q, quadratic_noise[s_of, sel].to(dtype), alpha=0.5 * noise_scale)
-    # The estimator gets the single-process dL/dZ (_SumLosses); the scores' gradients get the factor W.
-    world = dist.get_world_size(group)
-    U, Q = _ScaleGrad.apply(U, world), _ScaleGrad.apply(Q, world)
-    Z, _ = torch.ops.exgramed.qap_solve(U, nbr1, nbr2, Q, None, None, solver, max_iter, tol, restarts, partial,
-                                        seed, estimator, lambda_)
-    return hamming_to_identity(Z, dtype).sum() / (S * P), Z
-
-
-def global_forward(module, x: torch.Tensor):
-    """``MultiGraphAlignment.forward`` with ``graph_scope="global"`` (see the module docstring).
-
-    Draws the module's noise for the global batch from :func:`shared_generator` in the order and
-    shapes of the local forward, so a rank-0 seed reproduces the single-process step.
-    """
-    from .align import AlignmentOutput
-
-    if x.dim() != 3 or x.shape[-1] != module.dim:
-        raise RuntimeError(f"MultiGraphAlignment: x must have shape [K, B, {module.dim}], got {tuple(x.shape)}")
-    group = alignment_group(module)
-    xg, sizes = gather_batch(x, group)
-    K, N, _ = xg.shape
-    if N == 0:
-        raise RuntimeError("MultiGraphAlignment: the global batch is empty on every rank (B = 0)")
-    o = module.opts
-    scale = module.current_noise_scale()
-    src, dst = problem_graphs(K, module.mode)
-    P, G, S = len(src), (K + 1 if module.mode == "barycenter" else K), module.samples
-    dev = x.device
-    gen = shared_generator(dev, group)
-    un = qn = dm = None
-    if scale > 0:
-        un = sample_gumbel((S, 1 if o["shared_noise"] else P, N, N), dev, generator=gen)
-        if module.quadratic_noise:  # the local path's in-kernel noise, for all S * P problems
-            from .pair_scores import seeded_gumbel
-
-            seed = torch.randint(0, 2**62, (1,), device=dev, generator=gen).cpu()
-            qn = seeded_gumbel(seed, S * P, N, module.k, dev).view(S, P, N * module.k, N * module.k)
-    if module.training and o["dropout"] > 0:
-        keep = 1.0 - o["dropout"]
-        dm = torch.empty(2, G, N, module.hidden, device=dev).bernoulli_(keep, generator=gen) / keep
-    if module.training and module.noise_schedule is not None:
-        module.step += 1
-    loss, Z, jobs = global_align(
-        x, module.w_root1, module.w_rel1, module.bias1, module.w_root2, module.w_rel2, module.bias2, un, qn, dm,
-        module.k, o["lambda_"], scale, module.solver, o["estimator"], module.mode, o["metric"], module.aggr,
-        o["reverse"], o["copy_structure"], o["partial"], module.max_iter, module.tol, module.restarts, 0,
-        edge_floor=o["edge_floor"], process_group=group, x_global=(xg, sizes))
-    with torch.no_grad():
-        # Every problem's diagonal fraction, filled by its rank and summed over ranks.
-        diag = torch.zeros(S * P, dtype=torch.float32, device=dev)
-        if jobs:
-            diag[jobs] = Z.diagonal(dim1=1, dim2=2).to(torch.float32).mean(-1)
-        dist.all_reduce(diag, group=group)
-        diag = diag.reshape(S, P).mean(0)
-        member = torch.zeros(P, K, device=dev)
-        for p in range(P):
-            for g in (src[p], dst[p]):
-                if g < K:
-                    member[p, g] = 1.0
-        accuracy = (diag[:, None] * member).sum(0) / member.sum(0)
-    return AlignmentOutput(loss=loss, accuracy=accuracy, Z=Z, noise_scale=scale, problems=jobs)
 
 
 def alignment_group(module):
@@ -352,5 +242,4 @@ def check_graph_scope(graph_scope: str) -> None:
         raise ValueError(f"MultiGraphAlignment: graph_scope must be 'local' or 'global', got {graph_scope!r}")
 
 
-__all__ = ["GRAPH_SCOPES", "alignment_group", "gather_batch", "global_align", "global_forward", "shard",
-           "shared_generator"]
+__all__ = ["GRAPH_SCOPES", "alignment_group", "gather_batch", "global_align", "shard", "shared_generator"]

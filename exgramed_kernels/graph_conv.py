@@ -20,54 +20,9 @@ import math
 import torch
 from torch import nn
 
-from ._backend import HAS_EXTENSION, _LIB, register_fallback
-
-_AGGRS = ("max", "mean", "sum", "gcn")
-
-
-def check_graph_conv_args(x, nbr, w_root, w_rel, bias, aggr, check_values=True) -> None:
-    """The argument checks of the compiled kernels, for the fake and fallback paths."""
-    if aggr not in _AGGRS:
-        raise RuntimeError(f"graph_conv: aggr must be one of 'max', 'mean', 'sum', 'gcn', got '{aggr}'")
-    if x.dim() != 3:
-        raise RuntimeError(f"graph_conv: x must have shape [G, N, d] (3 dims), got {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise RuntimeError(f"graph_conv: x must be a floating-point tensor, got {x.dtype}")
-    if nbr.dim() != 3:
-        raise RuntimeError(f"graph_conv: nbr must have shape [G, N, k] (3 dims), got {tuple(nbr.shape)}")
-    if nbr.dtype != torch.long:
-        raise RuntimeError(f"graph_conv: nbr must be an int64 tensor, got {nbr.dtype}")
-    G, N, d = x.shape
-    if nbr.shape[0] != G or nbr.shape[1] != N:
-        raise RuntimeError(f"graph_conv: nbr must have shape [G, N, k] = [{G}, {N}, k] to match x, got {tuple(nbr.shape)}")
-    for name, w in (("w_root", w_root), ("w_rel", w_rel)):
-        if w.dim() != 2:
-            raise RuntimeError(f"graph_conv: {name} must have shape [d, h] (2 dims), got {tuple(w.shape)}")
-        if w.dtype != x.dtype:
-            raise RuntimeError(f"graph_conv: {name} must have the dtype of x ({x.dtype}), got {w.dtype}")
-        if w.device != x.device:
-            raise RuntimeError(f"graph_conv: x and {name} must be on the same device, got {x.device} and {w.device}")
-    if w_root.shape[0] != d:
-        raise RuntimeError(f"graph_conv: w_root must have shape [d, h] with d = {d} (the last dim of x), got {tuple(w_root.shape)}")
-    if w_rel.shape != w_root.shape:
-        raise RuntimeError(f"graph_conv: w_rel must have the shape of w_root {tuple(w_root.shape)}, got {tuple(w_rel.shape)}")
-    if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != w_root.shape[1]:
-            raise RuntimeError(f"graph_conv: bias must have shape [h] with h = {w_root.shape[1]}, got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise RuntimeError(f"graph_conv: bias must have the dtype of x ({x.dtype}), got {bias.dtype}")
-        if bias.device != x.device:
-            raise RuntimeError(f"graph_conv: x and bias must be on the same device, got {x.device} and {bias.device}")
-    if nbr.device != x.device:
-        raise RuntimeError(f"graph_conv: x and nbr must be on the same device, got {x.device} and {nbr.device}")
-    if check_values:
-        if nbr.numel() and (int(nbr.min()) < 0 or int(nbr.max()) >= N):
-            raise RuntimeError(
-                f"graph_conv: nbr entries must lie in [0, N) = [0, {N}), got values in [{int(nbr.min())}, {int(nbr.max())}]"
-            )
-        if x.numel() and not bool(torch.isfinite(x).all()):
-            raise RuntimeError("graph_conv: x contains NaN or Inf")
-
+from . import reference
+from ._backend import HAS_EXTENSION, _LIB, register_fallback, register_no_gradient
+from .checks import AGGRS, check_graph_conv_args, split_stacked_weight
 
 # ---- fake kernels ------------------------------------------------------------------------
 
@@ -82,24 +37,9 @@ def _graph_conv_forward_fake(x, nbr, w_root, w_rel, bias=None, aggr="max", rever
     return out, xa, argmax
 
 
-def _split_weight(x, weight, aggr):
-    if aggr not in _AGGRS:
-        raise RuntimeError(f"graph_conv: aggr must be one of 'max', 'mean', 'sum', 'gcn', got '{aggr}'")
-    if x.dim() != 3:
-        raise RuntimeError(f"graph_conv: x must have shape [G, N, d] (3 dims), got {tuple(x.shape)}")
-    d = x.shape[2]
-    if aggr == "gcn":
-        if weight.dim() != 2 or weight.shape[0] != d:
-            raise RuntimeError(f"graph_conv: weight must have shape [d, h] with d = {d} (the last dim of x) for aggr='gcn', got {tuple(weight.shape)}")
-        return weight, weight
-    if weight.dim() != 2 or weight.shape[0] != 2 * d:
-        raise RuntimeError(f"graph_conv: weight must have shape [2d, h] = [w_root; w_rel] with d = {d} (the last dim of x), got {tuple(weight.shape)}")
-    return weight[:d], weight[d:]
-
-
 @torch.library.register_fake("exgramed::graph_conv_stacked")
 def _graph_conv_stacked_fake(x, nbr, weight, bias=None, aggr="max", reverse=False, relu=False):
-    return _graph_conv_forward_fake(x, nbr, *_split_weight(x, weight, aggr), bias, aggr, reverse, relu)
+    return _graph_conv_forward_fake(x, nbr, *split_stacked_weight(x, weight, aggr), bias, aggr, reverse, relu)
 
 
 @torch.library.register_fake("exgramed::graph_conv_backward")
@@ -162,97 +102,24 @@ def _backward_stacked(ctx, grad_out, _grad_xa, _grad_argmax):
 
 
 torch.library.register_autograd("exgramed::graph_conv_stacked", _backward_stacked, setup_context=_setup_context_stacked)
+register_no_gradient("graph_conv_backward", "graph_conv's backward (a double backward of graph_conv)")
 
 
-# ---- pure-PyTorch fallback (no compiled extension): the kernels' algorithm, tie rule included ----
-
-
-def _aggregation_edges(nbr, aggr, reverse, acc_dtype):
-    """Per aggregation position p (per graph, in the kernels' CSR order): (src, tgt, w, selfw)."""
-    G, N, k = nbr.shape
-    E = N * k
-    flat = nbr.reshape(G, E)
-    rows = torch.arange(N, device=nbr.device).repeat_interleave(k).expand(G, E)
-    if reverse:
-        tgt, perm = torch.sort(flat, dim=1, stable=True)
-        src = torch.div(perm, k, rounding_mode="floor")
-    else:
-        src, tgt = flat, rows
-    w = selfw = None
-    if aggr == "mean":
-        cnt = torch.zeros(G, N, dtype=acc_dtype, device=nbr.device).scatter_add_(1, tgt, torch.ones_like(tgt, dtype=acc_dtype))
-        w = torch.gather(cnt.reciprocal(), 1, tgt)
-    elif aggr == "gcn":
-        keep = (src != tgt).to(acc_dtype)
-        deg = torch.ones(G, N, dtype=acc_dtype, device=nbr.device).scatter_add_(1, tgt, keep)
-        dis = deg.rsqrt()
-        w = torch.gather(dis, 1, src) * torch.gather(dis, 1, tgt) * keep
-        selfw = deg.reciprocal()
-    return src, tgt, w, selfw
-
-
-def _fallback_aggregate(x, nbr, aggr, reverse):
-    G, N, d = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    src, tgt, w, selfw = _aggregation_edges(nbr, aggr, reverse, acc)
-    E = src.shape[1]
-    xs = x.to(acc)
-    msg = torch.gather(xs, 1, src.unsqueeze(-1).expand(G, E, d))
-    idx = tgt.unsqueeze(-1).expand(G, E, d)
-    if aggr == "max":
-        agg = xs.new_zeros(G, N, d).scatter_reduce(1, idx, msg, reduce="amax", include_self=False)
-        # Winner per (node, feature): the lowest source index among the maxima, then the first position.
-        pos = torch.arange(E, device=x.device).expand(G, E)
-        key = torch.where(msg == torch.gather(agg, 1, idx), (src * E + pos).unsqueeze(-1).expand(G, E, d), N * E)
-        win = torch.full((G, N, d), N * E, dtype=torch.long, device=x.device).scatter_reduce(1, idx, key, reduce="amin")
-        argmax = torch.where(win == N * E, -1, win % max(E, 1)).to(torch.int32)
-        return agg.to(x.dtype), argmax
-    agg = xs.new_zeros(G, N, d).scatter_add(1, idx, msg if w is None else msg * w.unsqueeze(-1))
-    if selfw is not None:
-        agg = agg + xs * selfw.unsqueeze(-1)
-    return agg.to(x.dtype), x.new_empty((0, N, d), dtype=torch.int32)
+# ---- no extension: the reference serves the kernels ----------------------------------------
 
 
 @register_fallback("graph_conv_forward")
 def _graph_conv_forward_reference(x, nbr, w_root, w_rel, bias=None, aggr="max", reverse=False, relu=False):
     check_graph_conv_args(x, nbr, w_root, w_rel, bias, aggr)
-    agg, argmax = _fallback_aggregate(x, nbr, aggr, reverse)
-    xa = agg if aggr == "gcn" else torch.cat([x, agg], dim=-1)
-    w = w_rel if aggr == "gcn" else torch.cat([w_root, w_rel], dim=0)
-    out = xa @ w if bias is None else torch.addmm(bias, xa.flatten(0, 1), w).view(*x.shape[:2], w.shape[1])
-    return (torch.relu(out) if relu else out).contiguous(), xa.contiguous(), argmax
+    return reference.graph_conv_forward(x, nbr, w_root, w_rel, bias, aggr, reverse, relu)
 
 
 @register_fallback("graph_conv_stacked")
 def _graph_conv_stacked_reference(x, nbr, weight, bias=None, aggr="max", reverse=False, relu=False):
-    return _graph_conv_forward_reference(x, nbr, *_split_weight(x, weight, aggr), bias, aggr, reverse, relu)
+    return _graph_conv_forward_reference(x, nbr, *split_stacked_weight(x, weight, aggr), bias, aggr, reverse, relu)
 
 
-@register_fallback("graph_conv_backward")
-def _graph_conv_backward_reference(grad_out, out, xa, argmax, nbr, w_root, w_rel, aggr, reverse, relu):
-    G, N, k = nbr.shape
-    d, h = w_root.shape
-    gp = grad_out.to(xa.dtype)
-    if relu:
-        gp = torch.where(out > 0, gp, torch.zeros_like(gp))
-    gw = xa.flatten(0, 1).t() @ gp.flatten(0, 1)
-    gb = gp.sum((0, 1))
-    acc = torch.float64 if xa.dtype == torch.float64 else torch.float32
-    gagg = (gp @ w_rel.t()).to(acc)
-    gx = torch.zeros(G, N, d, dtype=acc, device=xa.device) if aggr == "gcn" else (gp @ w_root.t()).to(acc)
-    src, tgt, w, selfw = _aggregation_edges(nbr, aggr, reverse, acc)
-    E = src.shape[1]
-    back = torch.gather(gagg, 1, tgt.unsqueeze(-1).expand(G, E, d))
-    if aggr == "max":
-        pos = torch.arange(E, device=xa.device).view(1, E, 1)
-        back = back * (torch.gather(argmax.long(), 1, tgt.unsqueeze(-1).expand(G, E, d)) == pos)
-    elif w is not None:
-        back = back * w.unsqueeze(-1)
-    gx = gx.scatter_add(1, src.unsqueeze(-1).expand(G, E, d), back)
-    if selfw is not None:
-        gx = gx + gagg * selfw.unsqueeze(-1)
-    return gx.to(xa.dtype), gw.contiguous(), gb
-
+register_fallback("graph_conv_backward")(reference.graph_conv_backward)
 
 if not HAS_EXTENSION:
 
@@ -358,8 +225,8 @@ class GraphConvNet(nn.Module):
 
     def __init__(self, in_dim, hidden_dim, out_dim=None, num_layers=2, aggr="max", dropout=0.1, reverse=False, bias=True):
         super().__init__()
-        if aggr not in _AGGRS:
-            raise ValueError(f"GraphConvNet: aggr must be one of {_AGGRS}, got {aggr!r}")
+        if aggr not in AGGRS:
+            raise ValueError(f"GraphConvNet: aggr must be one of {AGGRS}, got {aggr!r}")
         if num_layers < 1:
             raise ValueError(f"GraphConvNet: num_layers must be >= 1, got {num_layers}")
         out_dim = hidden_dim if out_dim is None else out_dim

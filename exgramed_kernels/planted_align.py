@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .align import MultiGraphAlignment
+from .module import MultiGraphAlignment
 
 
 @dataclass
@@ -38,7 +38,7 @@ class PlantedResult:
 def cross_modal_matching(y: torch.Tensor) -> float:
     """y: ``[K, B, h]``. Mean over pairs k < l of the fraction of samples that the optimal one-to-one
     matching of cosine similarities (a linear assignment) maps to themselves."""
-    from .assignment import linear_assignment
+    from .linear_assignment import linear_assignment
 
     K, B, _ = y.shape
     yn = F.normalize(y.double(), dim=-1)

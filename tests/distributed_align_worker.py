@@ -16,26 +16,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import exgramed_kernels as ek  # noqa: E402
 
 D = 5
-# Few solver starts: with restarts <= 2 the starts do not depend on a problem's batch position,
-# so the sharded solve is the single-process solve (distributed.py: "Exactness of the solver").
-BASE = dict(k=2, hidden=4, restarts=2, max_iter=20)
+# A problem's solve depends on its own inputs only (its random starts are keyed by the seed and the start),
+# so the sharded solve is the single-process solve with any number of starts: the cases use several.
+BASE = dict(k=2, hidden=4, max_iter=20)
 
 # name -> (module options, batch sizes per world size, K, wrapper: None, or "ddp"/"fsdp" around an encoder + the module)
 CASES = {
     # uneven batches; in the 3-rank group rank 1 has no rows at all
-    "uneven": (dict(aggr="sum"), {1: [8], 2: [5, 3], 3: [5, 0, 3]}, 3, None),
+    "uneven": (dict(aggr="sum", restarts=4), {1: [8], 2: [5, 3], 3: [5, 0, 3]}, 3, None),
     # the official settings: dropout masks (training), shared unary noise, partial matchings,
     # blackbox, L2 kNN, reverse aggregation, copied structure; 2 noise samples, max aggregation
-    "official": (dict(official=True, samples=2), {1: [8], 2: [4, 4], 3: [3, 3, 2]}, 3, None),
+    "official": (dict(official=True, samples=2, restarts=3), {1: [8], 2: [4, 4], 3: [3, 3, 2]}, 3, None),
     # K = 2 pairwise: 2 problems, so in the 3-rank group rank 2 solves none
-    "empty_shard": (dict(mode="pairwise", aggr="sum"), {1: [7], 2: [3, 4], 3: [2, 3, 2]}, 2, None),
+    "empty_shard": (dict(mode="pairwise", aggr="sum", restarts=6), {1: [7], 2: [3, 4], 3: [2, 3, 2]}, 2, None),
     # an encoder in front of the module, both wrapped in DDP: the averaged gradients are the
     # single-process gradients of the concatenated batch
     "ddp": (dict(aggr="sum"), {1: [9], 2: [5, 4], 3: [4, 0, 5]}, 3, "ddp"),
     # the same under FSDP2 (fully_shard): the sharded gradients, gathered, are the single-process ones
     "fsdp": (dict(aggr="sum"), {1: [9], 2: [4, 5], 3: [3, 3, 3]}, 3, "fsdp"),
-    # the default number of starts: 2 (position-free) once the global graph has more than 64 nodes
-    "default_restarts": (dict(restarts=-1, k=3), {1: [66], 2: [40, 26], 3: [30, 6, 30]}, 3, None),
+    # qap_solve's size-based starts (32 below 9 nodes) and, past 64 nodes, the module's defaults
+    "size_based_restarts": (dict(restarts=-1), {1: [8], 2: [4, 4], 3: [2, 3, 3]}, 3, None),
+    "module_defaults": (dict(k=3), {1: [66], 2: [40, 26], 3: [30, 6, 30]}, 3, None),
 }
 
 

@@ -5,7 +5,9 @@ import torch
 
 import exgramed_kernels as ek
 from exgramed_kernels import reference as R
-from exgramed_kernels.align import problem_graphs, sample_gumbel
+from exgramed_kernels.testing import rel_err
+from exgramed_kernels.align import problem_graphs
+from exgramed_kernels.module import sample_gumbel
 
 K, B, D, H, KNN = 3, 6, 7, 5, 2
 # Few starts keep the (pure-Python) reference solver fast; both sides use the same starts.
@@ -134,16 +136,14 @@ def test_module_matches_op_with_its_noise():
     torch.manual_seed(5)
     P = 2 * K
     un = sample_gumbel((1, P, B, B))
-    seed = torch.randint(0, 2**62, (1,))  # the in-kernel quadratic noise's seed, drawn after the unary noise
-    loss, Z = ek.align(x, m.w_root1, m.w_rel1, m.bias1, m.w_root2, m.w_rel2, m.bias2, un.double(), None,
-                       None, KNN, 80.0, m.current_noise_scale(), "fw", "imle", "barycenter", max_iter=20, restarts=2,
-                       noise_seed=seed)
+    seed = torch.randint(0, 2**62, (1, P))  # the in-kernel quadratic noise's seeds, drawn after the unary noise
+    ws = (m.w_root1, m.w_rel1, m.bias1, m.w_root2, m.w_rel2, m.bias2)
+    opts = dict(k=KNN, lambda_=80.0, noise_scale=m.current_noise_scale(), max_iter=20, restarts=2)
+    loss, Z = ek.align(x, *ws, un.double(), None, None, seed, **opts)
     assert torch.equal(out.Z, Z) and out.loss == loss
-    # ... which is pair_scores' Gumbel sample of that seed, given as a tensor.
-    qn = R.gumbel_noise(int(seed), P, B * KNN).view(1, P, B * KNN, B * KNN)
-    loss2, Z2 = ek.align(x, m.w_root1, m.w_rel1, m.bias1, m.w_root2, m.w_rel2, m.bias2, un.double(), qn,
-                         None, KNN, 80.0, m.current_noise_scale(), "fw", "imle", "barycenter", max_iter=20,
-                         restarts=2)
+    # ... which is pair_scores' Gumbel sample of those seeds, given as a tensor.
+    qn = R.gumbel_noise(seed.view(-1), B * KNN).view(1, P, B * KNN, B * KNN)
+    loss2, Z2 = ek.align(x, *ws, un.double(), qn, None, **opts)
     assert torch.equal(Z2, Z) and torch.allclose(loss2, loss)
     # Per-modality accuracy: the diagonal fraction of problems k -> barycenter and barycenter -> k.
     diag = Z.diagonal(dim1=1, dim2=2).float().mean(-1)
@@ -153,8 +153,9 @@ def test_module_matches_op_with_its_noise():
 
 def test_module_official_preset():
     m = _module(official=True)
-    assert m.opts["metric"] == "l2" and m.opts["partial"] and m.opts["copy_structure"] and m.opts["reverse"]
-    assert m.opts["noise_scale"] == 0.05 and m.opts["estimator"] == "blackbox" and m.opts["shared_noise"]
+    c = m.config
+    assert c.metric == "l2" and c.partial and c.copy_structure and c.reverse
+    assert c.noise_scale == 0.05 and c.estimator == "blackbox" and c.shared_noise and c.k == KNN
     x = make_inputs()[0].requires_grad_()
     torch.manual_seed(0)
     out = m(x)
@@ -213,13 +214,11 @@ def test_opcheck_align():
     x, ws, un, qn = make_inputs(B=5, d=4, h=3)
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
-    args = (x, *ws, un, qn, None, KNN, 20.0, 0.5, "fw", "imle", "barycenter", "cosine", "max", False, False,
-            False, 10, 1e-6, 1, 0)
-    torch.library.opcheck(torch.ops.exgramed.align.default, args)
+    opts = dict(k=KNN, lambda_=20.0, noise_scale=0.5, max_iter=10)
+    torch.library.opcheck(torch.ops.exgramed.align.default, (x, *ws, un, qn, None), opts)
     # the in-kernel quadratic noise (noise_seed) and the edge-length floor
-    args = (x, *ws, un, None, None, KNN, 20.0, 0.5, "fw", "imle", "barycenter", "cosine", "max", False, False,
-            False, 10, 1e-6, 1, 0, torch.tensor([7]), 0.2)
-    torch.library.opcheck(torch.ops.exgramed.align.default, args)
+    seeds = torch.tensor([[7, 8, 9, 10, 11, 12]])
+    torch.library.opcheck(torch.ops.exgramed.align.default, (x, *ws, un, None, None, seeds), {**opts, "edge_floor": 0.2})
 
 
 def test_opcheck_qap_solve_autograd():
@@ -239,11 +238,11 @@ def test_opcheck_qap_solve_autograd():
         (dict(x=torch.randn(B, D)), "x must have shape"),
         (dict(x=torch.randn(1, B, D)), "K >= 2"),
         (dict(k=B), "k must satisfy"),
-        (dict(mode="triangle"), "mode"),
-        (dict(solver="gurobi"), "solver"),
-        (dict(estimator="reinforce"), "estimator"),
-        (dict(lambda_=-1.0), "lambda_"),
-        (dict(noise_scale=-0.1), "noise_scale"),
+        (dict(mode="triangle"), "option mode must be one of"),
+        (dict(solver="gurobi"), "option solver must be one of"),
+        (dict(estimator="reinforce"), "option estimator must be one of"),
+        (dict(lambda_=-1.0), "option lambda_ must be a positive finite number"),
+        (dict(noise_scale=-0.1), "option noise_scale must be a finite number >= 0"),
         (dict(un=torch.zeros(1, 4, B, B)), "unary_noise must have shape"),
         (dict(qn=torch.zeros(1, 1, B, B)), "quadratic_noise must have shape"),
         (dict(w0=torch.zeros(D + 1, H)), "w_root1 must have shape"),
@@ -265,37 +264,10 @@ def test_errors_name_the_argument(change, match):
     opts = dict(k=change.get("k", KNN), mode=change.get("mode", "barycenter"), solver=change.get("solver", "fw"),
                 estimator=change.get("estimator", "imle"), lambda_=change.get("lambda_", 80.0),
                 noise_scale=change.get("noise_scale", 0.5))
-    with pytest.raises(RuntimeError, match=match):
+    # Option values are ValueErrors (config.AlignConfig), tensor arguments RuntimeErrors.
+    error = ValueError if match.startswith("option") else RuntimeError
+    with pytest.raises(error, match=match):
         ek.align(x, *ws, change.get("un", un), change.get("qn", qn), change.get("mask"), **opts)
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
-def test_edge_cosines_gram_form_matches_edge_features(dtype, tol):
-    from exgramed_kernels.align import _edge_cosines, _edge_features
-
-    g = torch.Generator().manual_seed(0)
-    P, N, k, h = 3, 9, 3, 16
-    h1 = torch.randn(P, N, h, generator=g, dtype=torch.float64)
-    h2 = torch.randn(P, N, h, generator=g, dtype=torch.float64)
-    h1[0, 4] = h1[0, 2]  # a zero-length edge when 4 -> 2: F.normalize's zero vector, cosine 0
-    rows = torch.arange(N).view(1, N, 1)
-    nbr1 = (rows + torch.randint(1, N, (P, N, k), generator=g)) % N  # no self loops, as kNN
-    nbr1[0, 4, 0] = 2
-    nbr2 = (rows + torch.randint(1, N, (P, N, k), generator=g)) % N
-    want = torch.bmm(_edge_features(h1, nbr1), _edge_features(h2, nbr2).transpose(1, 2))
-    got = _edge_cosines(h1.to(dtype), h2.to(dtype), nbr1, nbr2)
-    assert (got.double() - want).abs().max() < tol
-    assert got[0, 4 * k].abs().max() < tol
-    # The gradient of the Gram form equals the edge features' one (fp64; edges of nonzero length,
-    # a zero-length edge has no derivative: both forms divide by 1e-12 there).
-    a = torch.randn(P, N, h, generator=g, dtype=torch.float64, requires_grad=True)
-    b = h2.clone().requires_grad_()
-    w = torch.randn(P, N * k, N * k, generator=g, dtype=torch.float64)
-    ga = torch.autograd.grad((_edge_cosines(a, b, nbr1, nbr2) * w).sum(), (a, b))
-    gb = torch.autograd.grad((torch.bmm(_edge_features(a, nbr1), _edge_features(b, nbr2).transpose(1, 2)) * w).sum(),
-                             (a, b))
-    for x, y in zip(ga, gb):
-        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
 
 
 def test_gumbel_samples():
@@ -372,9 +344,31 @@ def test_edge_floor_bounds_the_gradient_of_coincident_features():
 def test_edge_floor_and_noise_seed_errors():
     x, ws, un, qn = make_inputs(seed=12)
     for bad in (-0.1, float("nan"), float("inf")):
-        with pytest.raises(RuntimeError, match="edge_floor must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="edge_floor must be a finite number >= 0"):
             ek.align(x, *ws, un, None, None, k=KNN, edge_floor=bad)
+    seeds = torch.arange(2 * K).view(1, 2 * K)
     with pytest.raises(RuntimeError, match="either quadratic_noise or noise_seed"):
-        ek.align(x, *ws, un, qn, None, k=KNN, noise_seed=torch.tensor([1]))
-    with pytest.raises(RuntimeError, match="noise_seed must be a CPU int64 tensor"):
-        ek.align(x, *ws, un, None, None, k=KNN, noise_seed=torch.tensor([1.0]))
+        ek.align(x, *ws, un, qn, None, seeds, k=KNN)
+    with pytest.raises(RuntimeError, match="noise_seed must be an int64 tensor"):
+        ek.align(x, *ws, un, None, None, seeds.double(), k=KNN)
+    with pytest.raises(RuntimeError, match=r"noise_seed must have shape \[S, P\]"):
+        ek.align(x, *ws, un, None, None, seeds.view(-1), k=KNN)
+
+
+def test_inverse_edge_lengths_match_definition():
+    """align's edge weights 1 / |h_i - h_j| from edge_sq_norms: short edges next to large norms stay exact."""
+    from exgramed_kernels.align import inverse_edge_lengths
+
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(3, 11, 16, generator=gen) * 100  # large norms next to a short edge
+    h[0, 3] = h[0, 5] + 1e-3  # an edge 1e-5 |h| long
+    nbr = torch.randint(0, 11, (3, 11, 3), generator=gen)
+    nbr[0, 3, 0] = 5
+    want = 1.0 / (h.double().repeat_interleave(3, 1) - torch.gather(
+        h.double(), 1, nbr.reshape(3, 33, 1).expand(3, 33, 16))).norm(dim=-1).clamp_min(1e-12)
+    got = inverse_edge_lengths(h, nbr)
+    assert got.dtype == torch.float32
+    assert rel_err(got[want < 1e11], want[want < 1e11]) < 1e-6
+    assert abs(float(got[0, 9]) / float(want[0, 9]) - 1) < 1e-5  # the short edge
+    r2 = h.double().square().sum(-1).mean(1, keepdim=True)  # the floor: (floor r)^2 added, r the RMS norm
+    assert rel_err(inverse_edge_lengths(h, nbr, 0.1), (want.pow(-2) + 0.01 * r2).rsqrt()) < 1e-6

@@ -8,7 +8,6 @@ import exgramed_kernels as ek
 from exgramed_kernels import reference
 from exgramed_kernels.testing import FLOAT_DTYPES, RTOL, devices, rel_err, triton_available
 
-gcm = importlib.import_module("exgramed_kernels.graph_conv")
 AGGRS = ("max", "mean", "sum", "gcn")
 DEVICES = devices("graph_conv_forward")
 
@@ -243,7 +242,7 @@ def test_deterministic():
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("aggr", AGGRS)
 def test_fallback_matches_kernel(aggr, reverse):
-    # The no-extension path (pure PyTorch) implements the same algorithm, tie rule included.
+    # The reference (the no-extension path) implements the same algorithm, tie rule included.
     if not ek.HAS_EXTENSION:
         pytest.skip("the fallback is what serves the op here")
     gen = torch.Generator().manual_seed(8)
@@ -252,12 +251,12 @@ def test_fallback_matches_kernel(aggr, reverse):
     w = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     b = torch.randn(3, generator=gen, dtype=torch.float64)
     k_out = torch.ops.exgramed.graph_conv_forward(x, nbr, w[:4], w[4:], b, aggr, reverse, True)
-    f_out = gcm._graph_conv_forward_reference(x, nbr, w[:4], w[4:], b, aggr, reverse, True)
+    f_out = reference.graph_conv_forward(x, nbr, w[:4], w[4:], b, aggr, reverse, True)
     for a, c in zip(k_out, f_out):
         assert a.shape == c.shape and rel_err(a.double(), c.double()) < 1e-13
     go = torch.randn(2, 9, 3, generator=gen, dtype=torch.float64)
     k_b = torch.ops.exgramed.graph_conv_backward(go, *k_out, nbr, w[:4], w[4:], aggr, reverse, True)
-    f_b = gcm._graph_conv_backward_reference(go, *k_out, nbr, w[:4], w[4:], aggr, reverse, True)
+    f_b = reference.graph_conv_backward(go, *k_out, nbr, w[:4], w[4:], aggr, reverse, True)
     for a, c in zip(k_b, f_b):
         assert rel_err(a, c) < 1e-13
 
@@ -401,3 +400,16 @@ def test_triton_opcheck():
     if torch.cuda.is_available():
         utils.append("test_aot_dispatch_dynamic")
     torch.library.opcheck(graph_conv_forward_triton, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("op", ["graph_conv", "graph_conv_stacked"])
+def test_double_backward_raises(op):
+    x, nbr, w, b = make_inputs(2, 7, 3, 4, 3, seed=3)
+    x.requires_grad_()
+    if op == "graph_conv":
+        out = ek.graph_conv(x, nbr, w[:4], w[4:], b, "max")
+    else:
+        out = torch.ops.exgramed.graph_conv_stacked(x, nbr, w, b, "max", False, True)[0]
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="graph_conv_backward: .* is not differentiable"):
+        g.sum().backward()

@@ -7,7 +7,7 @@ import torch
 
 import exgramed_kernels as ek
 from exgramed_kernels import reference
-from exgramed_kernels.knn import reverse_neighbors
+from exgramed_kernels import reverse_neighbors
 from exgramed_kernels.testing import FLOAT_DTYPES, devices, triton_available
 
 DEVICES = devices("knn_graph")

@@ -1,6 +1,6 @@
-"""pair_scores: against the float64 reference (seeded and given noise, awkward shapes), the noise's
-distribution and determinism, the sparse-aware backward (gradcheck, the estimators' sparse gradient),
-errors, opcheck, and the edge lengths align feeds it."""
+"""pair_scores: against the float64 reference (seeded and given noise, awkward shapes), the Gram form against
+explicit edge features, the noise's distribution and determinism, the sparse-aware backward (gradcheck, the
+estimators' sparse gradient), errors, opcheck, compile."""
 import math
 import os
 
@@ -34,14 +34,11 @@ def test_matches_reference(device, dtype, P, N, k, noise):
     if noise == "tensor":
         kw = dict(noise=torch.randn(P, N * k, N * k, generator=gen, dtype=torch.float64).to(device, dtype))
     elif noise == "seed":
-        kw = dict(noise_seed=torch.tensor([12345 + N]))
+        kw = dict(noise_seed=(12345 + N + torch.arange(P) * 2**40).to(device))  # seeds above 2^32 too
     got = ek.pair_scores(C, w1, w2, n1, n2, 0.5, -0.25, noise_scale=0.7, **kw)
-    ref_kw = dict(kw)
-    if noise == "seed":
-        ref_kw["noise_seed"] = int(kw["noise_seed"])
+    ref_kw = {k_: v.cpu() if k_ == "noise_seed" else v.double().cpu() for k_, v in kw.items()}
     want = reference.pair_scores(*(t.double().cpu() for t in (C, w1, w2)), n1.cpu(), n2.cpu(), 0.5, -0.25,
-                                 noise_scale=0.7, **{k_: (v.double().cpu() if torch.is_tensor(v) else v)
-                                                     for k_, v in ref_kw.items()})
+                                 noise_scale=0.7, **ref_kw)
     assert got.dtype == dtype and got.shape == (P, N * k, N * k)
     # The seeded noise is float32 on every backend: its own rounding sets the tolerance there.
     tol = max(RTOL[dtype], 1e-6 if noise == "seed" else 0.0)
@@ -62,15 +59,15 @@ def test_large_output_reuses_its_buffer_and_rewrites_all_of_it():
     got = ek.pair_scores(C, w1, w2, n1, n2, 0.5, -0.25, noise_scale=0.3, noise_seed=torch.tensor([11]))
     assert got.data_ptr() == ptr
     want = reference.pair_scores(*(t.double() for t in (C, w1, w2)), n1, n2, 0.5, -0.25, noise_scale=0.3,
-                                 noise_seed=11)
+                                 noise_seed=torch.tensor([11]))
     assert bool(torch.isfinite(got).all())
     assert rel_err(got, want) < 1e-6
     other = ek.pair_scores(*inputs(P, N + 1, k, gen, torch.float32), 0.5, -0.25)  # another size: its own block
     assert other.data_ptr() != got.data_ptr()
 
 
-def test_noise_is_standard_gumbel_and_keyed_by_seed_and_position():
-    seed = torch.tensor([7])
+def test_noise_is_standard_gumbel_and_keyed_by_the_problems_seed():
+    seed = torch.tensor([7, 8, 9, 10])
     zeros = lambda P, N, k: (torch.zeros(P, N, N), torch.zeros(P, N * k), torch.zeros(P, N * k),  # noqa: E731
                              torch.zeros(P, N, k, dtype=torch.long), torch.zeros(P, N, k, dtype=torch.long))
     g = ek.pair_scores(*zeros(4, 64, 4), 0.0, 0.0, None, 1.0, seed).double().flatten()
@@ -80,13 +77,16 @@ def test_noise_is_standard_gumbel_and_keyed_by_seed_and_position():
     for x in (-1.0, 0.0, 1.0, 3.0):
         assert abs(float((g <= x).double().mean()) - math.exp(-math.exp(-x))) < 0.005
     assert float(g.min()) > -2.83 and float(g.max()) < 16.7  # u never 0 or 1
-    again = ek.pair_scores(*zeros(4, 64, 4), 0.0, 0.0, None, 1.0, torch.tensor([7])).double().flatten()
+    again = ek.pair_scores(*zeros(4, 64, 4), 0.0, 0.0, None, 1.0, seed.clone()).double().flatten()
     assert torch.equal(g, again)
-    other = ek.pair_scores(*zeros(4, 64, 4), 0.0, 0.0, None, 1.0, torch.tensor([8])).double().flatten()
+    other = ek.pair_scores(*zeros(4, 64, 4), 0.0, 0.0, None, 1.0, seed + 100).double().flatten()
     assert float((g - other).abs().mean()) > 0.5
-    # A row's noise depends on its problem and edge only: the first problems of a larger batch agree.
-    head = ek.pair_scores(*zeros(2, 64, 4), 0.0, 0.0, None, 1.0, seed).double().flatten()
-    assert torch.equal(head, g[: head.numel()])
+    # A problem's noise depends on its own seed only, not on its row: problems 2 and 0, alone or reordered.
+    per = g.view(4, -1)
+    alone = ek.pair_scores(*zeros(1, 64, 4), 0.0, 0.0, None, 1.0, seed[2:3]).double().flatten()
+    assert torch.equal(alone, per[2])
+    swapped = ek.pair_scores(*zeros(2, 64, 4), 0.0, 0.0, None, 1.0, seed[[2, 0]]).double().view(2, -1)
+    assert torch.equal(swapped[0], per[2]) and torch.equal(swapped[1], per[0])
     # Neighbouring columns and rows are uncorrelated.
     m = g.view(4 * 256, 256)
     for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:])):
@@ -137,9 +137,9 @@ def test_errors():
         (dict(n2=n2[..., :1]), "nbr1 and nbr2 must have the same k"),
         (dict(n1=n1.int()), "nbr1 must be int64"),
         (dict(noise=torch.zeros(2, 10, 9)), "noise must have shape"),
-        (dict(noise=torch.zeros(2, 10, 10), noise_seed=torch.tensor([1])), "either noise or noise_seed"),
-        (dict(noise_seed=torch.tensor([1, 2])), "noise_seed must be a CPU int64 tensor"),
-        (dict(noise_seed=torch.tensor([1.0])), "noise_seed must be a CPU int64 tensor"),
+        (dict(noise=torch.zeros(2, 10, 10), noise_seed=torch.tensor([1, 2])), "either noise or noise_seed"),
+        (dict(noise_seed=torch.tensor([1, 2, 3])), r"noise_seed must be an int64 tensor of shape \[P\] = \[2\]"),
+        (dict(noise_seed=torch.tensor([1.0, 2.0])), "noise_seed must be an int64 tensor"),
     ]
     for change, match in cases:
         a = dict(C=C, w1=w1, w2=w2, n1=n1, n2=n2, noise=None, noise_seed=None)
@@ -152,76 +152,17 @@ def test_opcheck():
     gen = torch.Generator().manual_seed(6)
     C, w1, w2, n1, n2 = inputs(2, 5, 2, gen, torch.float32)
     nz = torch.randn(2, 10, 10, generator=gen)
-    for args in ((C, w1, w2, n1, n2, 0.5, -0.25, None, 0.3, torch.tensor([3])),
+    for args in ((C, w1, w2, n1, n2, 0.5, -0.25, None, 0.3, torch.tensor([3, 4])),
                  (C.requires_grad_(), w1.requires_grad_(), w2, n1, n2, 0.5, -0.25, nz, 0.3, None)):
         torch.library.opcheck(torch.ops.exgramed.pair_scores.default, args)
     torch.library.opcheck(torch.ops.exgramed.pair_scores_backward.default,
                           (torch.randn(2, 10, 10), C.detach(), w1.detach(), w2, n1, n2, 0.5))
 
 
-def test_inverse_edge_lengths_match_definition():
-    """align's edge weights 1 / |h_i - h_j| from edge_sq_norms: short edges next to large norms stay exact."""
-    from exgramed_kernels.align import _inverse_edge_lengths
-
-    gen = torch.Generator().manual_seed(7)
-    h = torch.randn(3, 11, 16, generator=gen) * 100  # large norms next to a short edge
-    h[0, 3] = h[0, 5] + 1e-3  # an edge 1e-5 |h| long
-    nbr = torch.randint(0, 11, (3, 11, 3), generator=gen)
-    nbr[0, 3, 0] = 5
-    want = 1.0 / (h.double().repeat_interleave(3, 1) - torch.gather(
-        h.double(), 1, nbr.reshape(3, 33, 1).expand(3, 33, 16))).norm(dim=-1).clamp_min(1e-12)
-    got = _inverse_edge_lengths(h, nbr)
-    assert got.dtype == torch.float32
-    assert rel_err(got[want < 1e11], want[want < 1e11]) < 1e-6
-    assert abs(float(got[0, 9]) / float(want[0, 9]) - 1) < 1e-5  # the short edge
-    r2 = h.double().square().sum(-1).mean(1, keepdim=True)  # the floor: (floor r)^2 added, r the RMS norm
-    assert rel_err(_inverse_edge_lengths(h, nbr, 0.1), (want.pow(-2) + 0.01 * r2).rsqrt()) < 1e-6
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("G, N, k, h", [(1, 1, 1, 1), (2, 7, 3, 5), (3, 13, 5, 33), (1, 4, 4, 0)])
-def test_edge_sq_norms_matches_reference(device, dtype, G, N, k, h):
-    """Forward and backward against the float64 reference, self loops and repeated neighbours included."""
-    gen = torch.Generator().manual_seed(G * 100 + N * 10 + k)
-    x = torch.randn(G, N, h, generator=gen, dtype=torch.float64)
-    nbr = torch.randint(0, N, (G, N, k), generator=gen)
-    g = torch.randn(G, N * k, generator=gen, dtype=torch.float64)
-    g[:, ::3] = 0  # zero gradients are skipped by the CPU kernel
-    xd = x.to(device, dtype).requires_grad_()
-    got = ek.edge_sq_norms(xd, nbr.to(device))
-    assert got.dtype == dtype and got.shape == (G, N * k)
-    (got.double() * g.to(device)).sum().backward()
-    xr = x.to(dtype).double().requires_grad_()  # the reference on the same rounded inputs
-    want = reference.edge_sq_norms(xr, nbr)
-    (want * g).sum().backward()
-    tol = 1e-2 if dtype == torch.bfloat16 else (1e-6 if dtype == torch.float32 else 1e-12)
-    assert rel_err(got.detach().double().cpu(), want.detach()) < tol
-    assert rel_err(xd.grad.double().cpu(), xr.grad) < tol
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_edge_sq_norms_opcheck_and_errors(device):
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 6, 5, generator=gen).to(device)
-    nbr = torch.randint(0, 6, (2, 6, 3), generator=gen).to(device)
-    torch.library.opcheck(torch.ops.exgramed.edge_sq_norms.default, (x.requires_grad_(), nbr))
-    torch.library.opcheck(torch.ops.exgramed.edge_sq_norms_backward.default,
-                          (torch.randn(2, 18, generator=gen).to(device), x.detach(), nbr))
-    with pytest.raises(RuntimeError, match="h must have shape"):
-        ek.edge_sq_norms(x[0], nbr)
-    with pytest.raises(RuntimeError, match="nbr must be int64"):
-        ek.edge_sq_norms(x, nbr.int())
-    with pytest.raises(RuntimeError, match="entries must lie in"):
-        ek.edge_sq_norms(x, nbr + 6)
-    with pytest.raises(RuntimeError, match="floating-point"):
-        ek.edge_sq_norms(x.long(), nbr)
-
-
 def test_compile_fullgraph():
     gen = torch.Generator().manual_seed(8)
     C, w1, w2, n1, n2 = inputs(2, 6, 3, gen, torch.float32)
-    seed = torch.tensor([21])
+    seed = torch.tensor([21, 22])
 
     @torch.compile(fullgraph=True)
     def f(C, w1, w2):
@@ -308,3 +249,61 @@ def test_backward_sparse_op_errors_and_opcheck():
         a.update(change)
         with pytest.raises(RuntimeError, match=match):
             ek.pair_scores_backward_sparse(a["idx"], a["vals"], a["C"], w1, w2, a["n1"], n2, 0.5)
+
+
+def _edge_features(h, nbr):
+    """``normalize(h_i - h_j)`` for edge ``(i, nbr[i, s])``, row ``i * k + s``: [P, N, h] -> [P, N k, h]."""
+    P, N, k = nbr.shape
+    tails = torch.gather(h, 1, nbr.reshape(P, N * k, 1).expand(P, N * k, h.shape[-1]))
+    return torch.nn.functional.normalize(h.repeat_interleave(k, dim=1) - tails, dim=-1)
+
+
+def _edge_cosines(h1, h2, nbr1, nbr2):
+    """<normalize(h1_i - h1_j), normalize(h2_a - h2_b)> through pair_scores' Gram form."""
+    from exgramed_kernels.align import inverse_edge_lengths
+
+    C = torch.bmm(h1, h2.transpose(1, 2))
+    return ek.pair_scores(C, inverse_edge_lengths(h1, nbr1), inverse_edge_lengths(h2, nbr2), nbr1, nbr2)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_gram_form_matches_edge_features(dtype, tol):
+    """align's edge cosines: pair_scores on the cross Gram ``C = h1 h2^T`` and the inverse edge lengths equals
+    the product of explicit edge features, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    P, N, k, h = 3, 9, 3, 16
+    h1 = torch.randn(P, N, h, generator=g, dtype=torch.float64)
+    h2 = torch.randn(P, N, h, generator=g, dtype=torch.float64)
+    h1[0, 4] = h1[0, 2]  # a zero-length edge when 4 -> 2: F.normalize's zero vector, cosine 0
+    rows = torch.arange(N).view(1, N, 1)
+    nbr1 = (rows + torch.randint(1, N, (P, N, k), generator=g)) % N  # no self loops, as kNN
+    nbr1[0, 4, 0] = 2
+    nbr2 = (rows + torch.randint(1, N, (P, N, k), generator=g)) % N
+    want = torch.bmm(_edge_features(h1, nbr1), _edge_features(h2, nbr2).transpose(1, 2))
+    got = _edge_cosines(h1.to(dtype), h2.to(dtype), nbr1, nbr2)
+    assert (got.double() - want).abs().max() < tol
+    assert got[0, 4 * k].abs().max() < tol
+    # The gradient of the Gram form equals the edge features' one (fp64; edges of nonzero length,
+    # a zero-length edge has no derivative: both forms divide by 1e-12 there).
+    a = torch.randn(P, N, h, generator=g, dtype=torch.float64, requires_grad=True)
+    b = h2.clone().requires_grad_()
+    w = torch.randn(P, N * k, N * k, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((_edge_cosines(a, b, nbr1, nbr2) * w).sum(), (a, b))
+    gb = torch.autograd.grad((torch.bmm(_edge_features(a, nbr1), _edge_features(b, nbr2).transpose(1, 2)) * w).sum(),
+                             (a, b))
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_through_the_backward_raises():
+    gen = torch.Generator().manual_seed(9)
+    C, w1, w2, n1, n2 = inputs(2, 5, 2, gen, torch.float64)
+    C.requires_grad_()
+    Q = ek.pair_scores(C, w1, w2, n1, n2, 0.5, -0.25)
+    (g,) = torch.autograd.grad((Q * Q).sum(), C, create_graph=True)
+    with pytest.raises(RuntimeError, match="pair_scores_backward: .* is not differentiable"):
+        g.sum().backward()
+    grad = torch.randn(2, 10, 10, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.exgramed.pair_scores_backward(grad, C.detach(), w1, w2, n1, n2, 0.5)
+    with pytest.raises(RuntimeError, match="is not differentiable"):
+        out[0].sum().backward()

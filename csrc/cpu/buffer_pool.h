@@ -2,11 +2,10 @@
 // (pair_scores' edge-pair table: 39 MB at align's B = 256).
 //
 // A buffer above glibc's largest mmap threshold (32 MiB) is new memory on every allocation: the
-// kernel zero-fills each page on first touch (~8 of pair_scores' ~42 ms at B = 256 on one thread,
-// even in transparent huge pages) and, with huge pages advised, may compact memory first (with two
-// threads the first ~6 calls of a process took 45-83 ms instead of 20-24 ms on this VM). A step's
-// table is freed by the time the next step asks for one of the same size, so handing the block back
-// instead of unmapping it removes both.
+// kernel zero-fills each page on first touch (about a fifth of pair_scores' time at B = 256, even in
+// transparent huge pages) and, with huge pages advised, may compact memory first. A step's table is
+// freed by the time the next step asks for one of the same size, so handing the block back instead
+// of unmapping it removes both.
 //
 // empty_reused(sizes, options): like at::empty on the CPU (contiguous, uninitialised); the caller
 // must write every element. Blocks of at least kPoolMinBytes come from / return to a small
@@ -15,7 +14,7 @@
 // bounded), 2 MiB aligned and advised as transparent huge pages once, at allocation.
 // Smaller requests are at::empty. The tensors do not own a resizable storage (like from_blob).
 // EXGRAMED_BUFFER_POOL=0 in the environment turns the pool off (every request is at::empty with
-// the huge-page advice, as before the pool).
+// the huge-page advice).
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,8 +1,8 @@
 // advise_huge_pages: ask Linux to back a large, freshly allocated CPU buffer with transparent huge
 // pages (2 MiB) before it is first written. A buffer above glibc's mmap threshold is new memory on
 // every allocation, and each 4 KiB page faults on first touch; on virtualised hosts a fault costs
-// microseconds (2.6 us measured here: 25 ms for align's 39 MB edge-pair scores at B = 256, more than
-// computing them). With the advice the buffer takes ~20 huge-page faults instead of ~10,000.
+// microseconds (for align's 39 MB edge-pair scores at B = 256, more than computing them). With the
+// advice the buffer takes ~20 huge-page faults instead of ~10,000.
 // What NumPy does for its large arrays; harmless where THP is off ("never") or unsupported.
 #pragma once
 #include <cstddef>

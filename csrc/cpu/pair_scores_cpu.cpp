@@ -1,7 +1,8 @@
 // pair_scores, CPU: one task per (problem, row e); the row's noise is generated into a buffer
 // (vectorised hash + log), then the row is assembled from four gathers of C. The backward scans
 // the incoming gradient once per problem and skips its zeros: the estimators' gradient has at
-// most 2 N k non-zeros per problem, so the scan is the cost.
+// most 2 N k non-zeros per problem, so the scan is the cost; pair_scores_backward_sparse takes those
+// entries as a list instead.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -85,6 +86,7 @@ at::Tensor pair_scores_cpu(const at::Tensor& C, const at::Tensor& w1, const at::
     std::vector<int32_t> a_of(Nk), b_tab(P * Nk);
     for (int64_t f = 0; f < Nk; ++f) a_of[f] = static_cast<int32_t>(f / k);
     for (int64_t x = 0; x < P * Nk; ++x) b_tab[x] = static_cast<int32_t>(t2p[x]);
+    const int64_t* seeds = a.has_seed ? a.seeds.data_ptr<int64_t>() : nullptr;
     at::parallel_for(0, P * Nk, 8, [&](int64_t r0, int64_t r1) {
       std::vector<float> g(a.has_seed ? Nk : 0);
       std::vector<scalar_t> D(N);
@@ -97,7 +99,7 @@ at::Tensor pair_scores_cpu(const at::Tensor& C, const at::Tensor& w1, const at::
         const float* gumbel = nullptr;
         if (a.has_seed) {
           uint32_t lo, hi;
-          noise_row_keys(a.seed, r, lo, hi);
+          noise_row_keys(seeds[p], e, lo, hi);
           gumbel_row(g.data(), Nk, lo, hi);
           gumbel = g.data();
         }
@@ -159,73 +161,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(const at
   return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
 }
 
-// h in float32 / float64 as the kernels read it (half and bfloat16 are computed in float32).
-at::Tensor edge_rows(const at::Tensor& h) {
-  return (h.scalar_type() == at::kDouble || h.scalar_type() == at::kFloat) ? h.contiguous()
-                                                                            : h.to(at::kFloat).contiguous();
-}
-
-// One task per node row: its k squared edge lengths, float64 sums in a fixed order (row_reductions.h).
-at::Tensor edge_sq_norms_cpu(const at::Tensor& h, const at::Tensor& nbr) {
-  TORCH_CHECK(h.device().is_cpu(), "edge_sq_norms: h must be a CPU tensor for the CPU kernel");
-  check_edge_sq_norms_args(h, nbr, "edge_sq_norms");
-  const int64_t G = h.size(0), N = h.size(1), H = h.size(2), k = nbr.size(2);
-  const at::Tensor hc = edge_rows(h), nc = nbr.contiguous();
-  at::Tensor out = at::empty({G, N * k}, hc.options());
-  if (out.numel() == 0) return out.to(h.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "edge_sq_norms_cpu", [&] {
-    const scalar_t* hp = hc.data_ptr<scalar_t>();
-    const int64_t* np = nc.data_ptr<int64_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, G * N, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* hi = hp + r * H;
-        const scalar_t* hg = hp + (r / N) * N * H;
-        for (int64_t s = 0; s < k; ++s) {
-          op[r * k + s] = static_cast<scalar_t>(sq_dist(hi, hg + np[r * k + s] * H, H));
-        }
-      }
-    });
+// pair_scores_backward for a gradient given by its entries (a COO tensor's indices and values, e.g.
+// edge_pair_indicator_sparse's): visits the entries only, float64 accumulation in their order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_sparse_cpu(
+    const at::Tensor& indices, const at::Tensor& values, const at::Tensor& C, const at::Tensor& w1,
+    const at::Tensor& w2, const at::Tensor& nbr1, const at::Tensor& nbr2, double alpha) {
+  constexpr const char* op = "pair_scores_backward_sparse";
+  TORCH_CHECK(C.device().is_cpu(), op, ": C must be a CPU tensor for the CPU kernel");
+  const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, c10::nullopt, c10::nullopt, op);
+  const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 2 && indices.size(0) == 3, op,
+              ": indices must be int64 [3, nnz] (problem, row e, column f), got ", indices.scalar_type(), " ",
+              indices.sizes());
+  const int64_t nnz = indices.size(1);
+  check_float(values, "pair_scores_backward_sparse: values");
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == nnz, op, ": values must have shape [nnz] = [", nnz, "], got ",
+              values.sizes());
+  check_same_device(indices, "indices", C, "C");
+  check_same_device(values, "values", C, "C");
+  check_finite(values, "pair_scores_backward_sparse: values");
+  const at::Tensor ic = indices.contiguous();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  for (int64_t x = 0; x < nnz; ++x) {
+    TORCH_CHECK(ip[x] >= 0 && ip[x] < P && ip[nnz + x] >= 0 && ip[nnz + x] < Nk && ip[2 * nnz + x] >= 0 &&
+                    ip[2 * nnz + x] < Nk,
+                op, ": index (", ip[x], ", ", ip[nnz + x], ", ", ip[2 * nnz + x], ") is outside [", P, ", ", Nk,
+                ", ", Nk, "]");
+  }
+  at::Tensor gC = at::zeros({P, N, N}, C.options().dtype(at::kDouble));
+  at::Tensor gw1 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
+  at::Tensor gw2 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
+  const at::Tensor vd = values.to(at::kDouble).contiguous();
+  const double* vp = vd.data_ptr<double>();
+  const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  const at::Tensor n1 = nbr1.contiguous(), n2 = nbr2.contiguous();
+  const int64_t* t1 = n1.data_ptr<int64_t>();
+  const int64_t* t2 = n2.data_ptr<int64_t>();
+  double* gCp = gC.data_ptr<double>();
+  double* gw1p = gw1.data_ptr<double>();
+  double* gw2p = gw2.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "pair_scores_backward_sparse_cpu", [&] {
+    const scalar_t* Cp = Cc.data_ptr<scalar_t>();
+    const scalar_t* w1p = w1c.data_ptr<scalar_t>();
+    const scalar_t* w2p = w2c.data_ptr<scalar_t>();
+    // The dense kernel's step (pair_scores.h), entry by entry.
+    for (int64_t x = 0; x < nnz; ++x) {
+      const int64_t p = ip[x], e = ip[nnz + x], f = ip[2 * nnz + x];
+      gw1p[p * Nk + e] += alpha * pair_scores_grad_entry(Cp + p * N * N, N, e / k, t1[p * Nk + e], f / k,
+                                                         t2[p * Nk + f], vp[x], static_cast<double>(w1p[p * Nk + e]),
+                                                         static_cast<double>(w2p[p * Nk + f]), alpha,
+                                                         gCp + p * N * N, gw2p[p * Nk + f]);
+    }
   });
-  return out.to(h.scalar_type());
-}
-
-// dh_i += 2 g_e (h_i - h_j), dh_j -= 2 g_e (h_i - h_j) for every edge e = (i, j): one task per graph,
-// edges in order (deterministic), zero gradients skipped.
-at::Tensor edge_sq_norms_backward_cpu(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
-  TORCH_CHECK(h.device().is_cpu(), "edge_sq_norms_backward: h must be a CPU tensor for the CPU kernel");
-  check_edge_sq_norms_backward_args(grad, h, nbr);
-  const int64_t G = h.size(0), N = h.size(1), H = h.size(2), k = nbr.size(2);
-  const at::Tensor hc = edge_rows(h), nc = nbr.contiguous();
-  at::Tensor dh = at::zeros_like(hc);
-  if (hc.numel() == 0 || k == 0) return dh.to(h.scalar_type());
-  const at::Tensor gc = grad.to(at::kDouble).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "edge_sq_norms_backward_cpu", [&] {
-    const scalar_t* hp = hc.data_ptr<scalar_t>();
-    const int64_t* np = nc.data_ptr<int64_t>();
-    const double* gp = gc.data_ptr<double>();
-    scalar_t* dp = dh.data_ptr<scalar_t>();
-    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        for (int64_t e = g * N * k; e < (g + 1) * N * k; ++e) {
-          const double c = 2.0 * gp[e];
-          if (c == 0.0) continue;
-          const int64_t i = g * N + (e - g * N * k) / k, j = g * N + np[e];
-          const scalar_t cs = static_cast<scalar_t>(c);
-          const scalar_t* hi = hp + i * H;
-          const scalar_t* hj = hp + j * H;
-          scalar_t* di = dp + i * H;
-          scalar_t* dj = dp + j * H;
-          for (int64_t t = 0; t < H; ++t) {
-            const scalar_t d = cs * (hi[t] - hj[t]);
-            di[t] += d;
-            dj[t] -= d;
-          }
-        }
-      }
-    });
-  });
-  return dh.to(h.scalar_type());
+  return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
 }
 
 }  // namespace
@@ -233,8 +221,7 @@ at::Tensor edge_sq_norms_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 TORCH_LIBRARY_IMPL(exgramed, CPU, m) {
   m.impl("pair_scores", &pair_scores_cpu);
   m.impl("pair_scores_backward", &pair_scores_backward_cpu);
-  m.impl("edge_sq_norms", &edge_sq_norms_cpu);
-  m.impl("edge_sq_norms_backward", &edge_sq_norms_backward_cpu);
+  m.impl("pair_scores_backward_sparse", &pair_scores_backward_sparse_cpu);
 }
 
 }  // namespace exgramed

@@ -1,4 +1,4 @@
-// qap_solve and qap_gradient, CPU kernels. One task per (problem, start), tasks in parallel;
+// qap_solve, CPU kernel. One task per (problem, start), tasks in parallel;
 // each task runs Frank-Wolfe (or graduated assignment) single-threaded in float64 with its
 // own linear-assignment workspace (warm-started from the previous iteration's column
 // potentials), then 2-opt. Frank-Wolfe reads the dense Q table once per problem (grad q(J/N),
@@ -15,87 +15,13 @@
 #include <limits>
 #include <vector>
 
-#include "assignment.h"
 #include "multiversion.h"
-#include "qap.h"
-#include "qap_driver.h"
+#include "qap_cpu.h"
 
 namespace exgramed {
 namespace {
 
-// One problem's data: U and Q row-major, neighbour tables, and the reverse (in-edge) lists
-// the 2-opt gradient updates need (edges in increasing id: deterministic).
-template <typename qt>
-struct Problem {
-  int64_t N = 0, k = 0, Nk = 0;
-  const double* U = nullptr;
-  const qt* Q = nullptr;  // [Nk, Nk]
-  const int64_t* nbr1 = nullptr;
-  const int64_t* nbr2 = nullptr;
-  bool partial = false;
-  std::vector<int64_t> in1_ptr, in1_e, in2_ptr, in2_f;
-  std::vector<int64_t> in1_head, in2_head;  // e / k and f / k of the lists' edges (no division in the loops)
-  std::vector<char> near1;  // near1[i*N+j]: an edge of graph 1 joins i and j, or a self-loop sits on i or j
-
-  void build_reverse() {
-    near1.assign(N * N, 0);
-    std::vector<char> loop(N, 0);
-    for (int64_t e = 0; e < Nk; ++e) {
-      const int64_t i = e / k, j = nbr1[e];
-      near1[i * N + j] = near1[j * N + i] = 1;
-      if (i == j) loop[i] = 1;
-    }
-    for (int64_t i = 0; i < N; ++i) {
-      if (!loop[i]) continue;
-      for (int64_t j = 0; j < N; ++j) near1[i * N + j] = near1[j * N + i] = 1;
-    }
-    auto rev = [&](const int64_t* nbr, std::vector<int64_t>& ptr, std::vector<int64_t>& lst) {
-      ptr.assign(N + 1, 0);
-      for (int64_t e = 0; e < Nk; ++e) ++ptr[nbr[e] + 1];
-      for (int64_t j = 0; j < N; ++j) ptr[j + 1] += ptr[j];
-      lst.assign(Nk, 0);
-      std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
-      for (int64_t e = 0; e < Nk; ++e) lst[fill[nbr[e]]++] = e;
-    };
-    rev(nbr1, in1_ptr, in1_e);
-    rev(nbr2, in2_ptr, in2_f);
-    in1_head.resize(Nk);
-    in2_head.resize(Nk);
-    for (int64_t q = 0; q < Nk; ++q) {
-      in1_head[q] = in1_e[q] / k;
-      in2_head[q] = in2_f[q] / k;
-    }
-  }
-};
-
-// out = grad q(X) (N x N); xg: scratch N*Nk, xg[j, f] = X[j, t2(f)].
-template <typename qt>
-void grad_q(const Problem<qt>& p, const double* X, double* out, double* xg) {
-  const int64_t N = p.N, k = p.k, Nk = p.Nk;
-  std::fill(out, out + N * N, 0.0);
-  for (int64_t j = 0; j < N; ++j) {
-    for (int64_t f = 0; f < Nk; ++f) xg[j * Nk + f] = X[j * N + p.nbr2[f]];
-  }
-  for (int64_t e = 0; e < Nk; ++e) {
-    const int64_t i = e / k, j = p.nbr1[e];
-    const qt* qrow = p.Q + e * Nk;
-    const double* xgj = xg + j * Nk;
-    const double* xi = X + i * N;
-    double* os = out + i * N;
-    double* ot = out + j * N;
-    for (int64_t a = 0; a < N; ++a) {
-      // source term: (i, a) <- Q[e, f] X[t1(e), t2(f)] over the out-edges f of a
-      double acc = 0.0;
-      for (int64_t t = 0; t < k; ++t) acc += static_cast<double>(qrow[a * k + t]) * xgj[a * k + t];
-      os[a] += acc;
-      // target term: (t1(e), t2(f)) <- Q[e, f] X[s1(e), a]
-      const double xa = xi[a];
-      if (xa != 0.0) {
-        for (int64_t t = 0; t < k; ++t) ot[p.nbr2[a * k + t]] += static_cast<double>(qrow[a * k + t]) * xa;
-      }
-    }
-  }
-}
+using namespace qap_cpu;
 
 // acc[0, n) = row[0, n) (copy_row) or acc += row (add_row), in float64: the dense part of grad q(J/N),
 // vectorised (one pair per element, no scatter).
@@ -152,82 +78,6 @@ void grad_q_uniform(const Problem<qt>& p, double* out) {
   }
 }
 
-// out = keep * out + t * grad q(P) for a (partial) permutation P, perm[i] = column of row i or -1:
-// O(N^2 + N k^2) instead of O(N^2 k^2), as P has one entry per row (keep = 0, t = 1: grad q(P)
-// itself). Needs the reverse lists.
-template <typename qt>
-void grad_q_perm(const Problem<qt>& p, const int64_t* perm, double* out, double keep = 0.0, double t = 1.0) {
-  const int64_t N = p.N, k = p.k, Nk = p.Nk;
-  if (keep == 0.0) {
-    std::fill(out, out + N * N, 0.0);
-  } else if (keep != 1.0) {
-    for (int64_t x = 0; x < N * N; ++x) out[x] *= keep;
-  }
-  // The entries read are scattered over Q (6.5 MB per problem at N = 256): their addresses are known
-  // ahead, so row x + kAhead's are prefetched while row x is summed (latency-bound otherwise).
-  constexpr int64_t kAhead = 2;
-  auto prefetch_row = [&](int64_t x) {
-    for (int64_t s = 0; s < k; ++s) {
-      const int64_t e = x * k + s, b = perm[p.nbr1[e]];
-      if (b < 0) continue;
-      for (int64_t q = p.in2_ptr[b]; q < p.in2_ptr[b + 1]; ++q) __builtin_prefetch(p.Q + e * Nk + p.in2_f[q]);
-    }
-    for (int64_t q = p.in1_ptr[x]; q < p.in1_ptr[x + 1]; ++q) {
-      const int64_t a = perm[p.in1_head[q]];
-      if (a >= 0) __builtin_prefetch(p.Q + p.in1_e[q] * Nk + a * k);
-    }
-  };
-  for (int64_t x = 0; x < std::min(N, kAhead); ++x) prefetch_row(x);
-  for (int64_t x = 0; x < N; ++x) {
-    if (x + kAhead < N) prefetch_row(x + kAhead);
-    double* ox = out + x * N;
-    // source term: P[t1(e), t2(f)] = 1 for the in-edges f of perm[t1(e)]
-    for (int64_t s = 0; s < k; ++s) {
-      const int64_t e = x * k + s, b = perm[p.nbr1[e]];
-      if (b < 0) continue;
-      const qt* qe = p.Q + e * Nk;
-      for (int64_t q = p.in2_ptr[b]; q < p.in2_ptr[b + 1]; ++q) {
-        ox[p.in2_head[q]] += t * static_cast<double>(qe[p.in2_f[q]]);
-      }
-    }
-    // target term: P[s1(e), s2(f)] = 1 for the out-edges f of perm[s1(e)]
-    for (int64_t q = p.in1_ptr[x]; q < p.in1_ptr[x + 1]; ++q) {
-      const int64_t e = p.in1_e[q], a = perm[p.in1_head[q]];
-      if (a < 0) continue;
-      const qt* qf = p.Q + e * Nk + a * k;
-      const int64_t* na = p.nbr2 + a * k;
-      for (int64_t tt = 0; tt < k; ++tt) ox[na[tt]] += t * static_cast<double>(qf[tt]);
-    }
-  }
-}
-
-// q(P) of a (partial) permutation, perm[i] = column of row i or -1: O(N k^2).
-template <typename qt>
-double quad_perm(const Problem<qt>& p, const int64_t* perm) {
-  if (p.Q == nullptr) return 0.0;
-  const int64_t k = p.k, Nk = p.Nk;
-  double s = 0.0;
-  for (int64_t i = 0; i < p.N; ++i) {
-    const int64_t a = perm[i];
-    if (a < 0) continue;
-    for (int64_t si = 0; si < k; ++si) {
-      const int64_t e = i * k + si, b = perm[p.nbr1[e]];
-      if (b < 0) continue;
-      for (int64_t t = 0; t < k; ++t) {
-        if (p.nbr2[a * k + t] == b) s += static_cast<double>(p.Q[e * Nk + a * k + t]);
-      }
-    }
-  }
-  return s;
-}
-
-inline double dot_perm(const double* M, const int64_t* perm, int64_t N) {
-  double s = 0.0;
-  for (int64_t i = 0; i < N; ++i) {
-    if (perm[i] >= 0) s += M[i * N + perm[i]];
-  }
-  return s;
-}
 
 // Eight independent partial sums: a single running sum is one dependent add per element (the
 // compiler may not reorder floating-point sums), which made the N^2 dot products of every
@@ -240,56 +90,6 @@ EXGRAMED_MULTIVERSION double dot(const double* a, const double* b, int64_t n) {
   }
   for (; i < n; ++i) s[0] += a[i] * b[i];
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-template <typename qt>
-double objective_perm(const Problem<qt>& p, const int64_t* perm) {
-  return dot_perm(p.U, perm, p.N) + quad_perm(p, perm);
-}
-
-// Per-task scratch. gf, xg and L serve graduated assignment only (its dense gradient and Sinkhorn
-// matrix: ~5 MB at N = 256, zero-filled, so not allocated for Frank-Wolfe or 2-opt).
-struct Work {
-  LapWorkspace lap, lap2;
-  std::vector<double> X, gq, gf, xg, L;
-  std::vector<int64_t> P, best, ext;
-  std::vector<int64_t> verts;  // Frank-Wolfe: the vertices X is a combination of, N each
-  std::vector<double> vert_w;  // and their weights
-  void resize(int64_t N, int64_t k, bool annealing) {
-    X.resize(N * N);
-    gq.resize(N * N);
-    if (annealing) {
-      gf.resize(N * N);
-      xg.resize(N * N * std::max<int64_t>(k, 1));
-      L.resize(4 * N * N);
-    }
-    P.resize(N);
-    best.resize(N);
-    ext.resize(2 * N);
-  }
-};
-
-// The vertex maximising <S, P>, S = S1 (+ scale2 * S2 if given): LAP of S (of max(S, 0) with the
-// non-positive pairs dropped for partial permutations: max over partial permutations = that, as
-// extending a partial matching by pairs of score >= 0 never lowers it). The drop reads the LAP's own
-// cost matrix (c = -max(S, 0) < 0 exactly where S > 0), so both decisions see the same rounding of S.
-template <typename qt>
-void vertex_oracle(const Problem<qt>& p, const double* S1, const double* S2, Work& w, bool warm, int64_t* perm,
-                   double scale2 = 1.0) {
-  lap_solve_sum(S1, S2, p.N, /*maximize=*/true, p.partial, w.lap, warm, /*row_reduction=*/true, scale2);
-  const double* cost = w.lap.cost.data();
-  for (int64_t i = 0; i < p.N; ++i) {
-    const int64_t j = w.lap.col4row[i];
-    perm[i] = (p.partial && !(cost[i * p.N + j] < 0)) ? -1 : j;
-  }
-}
-
-template <typename qt>
-void keep_if_better(const Problem<qt>& p, const int64_t* perm, double f, double& best_f, int64_t* best) {
-  if (f > best_f) {
-    best_f = f;
-    std::copy(perm, perm + p.N, best);
-  }
 }
 
 // Frank-Wolfe from w.X with w.gq = grad q(w.X); the best vertex seen goes to w.best. f along
@@ -431,107 +231,12 @@ double graduated_assignment(const Problem<qt>& p, Work& w, int64_t max_iter, dou
   return best_f;
 }
 
-// 2-opt on w.best: swap the columns of rows i < j while f increases. With partial, rows and
-// columns N..2N-1 are dummies (score 0, no edges): swapping with them matches/unmatches.
-// Delta of a swap D = P' - P: <U, D> + <grad q(P), D> + q(D); q(D) only over edges inside
-// {i, j} x {a, b}; grad q(P) is kept up to date by adding grad q(D) (O(k^2 + in-degree^2)).
-template <typename qt>
-double polish(const Problem<qt>& p, Work& w) {
-  const int64_t N = p.N, k = p.k, Nk = p.Nk, M = p.partial ? 2 * N : N;
-  int64_t* ext = w.ext.data();
-  if (p.partial) {
-    std::vector<char> used(N, 0);
-    for (int64_t i = 0; i < N; ++i) {
-      ext[i] = w.best[i] >= 0 ? w.best[i] : N + i;
-      if (w.best[i] >= 0) used[w.best[i]] = 1;
-    }
-    int64_t r = N;
-    for (int64_t a = 0; a < N; ++a) {
-      if (!used[a]) ext[r++] = a;
-    }
-    for (int64_t i = 0; i < N; ++i) {
-      if (w.best[i] >= 0) ext[r++] = N + i;
-    }
-  } else {
-    std::copy(w.best.begin(), w.best.begin() + N, ext);
-  }
-  double* G = w.gq.data();
-  grad_q_perm(p, w.best.data(), G);
-  double cur = objective_perm(p, w.best.data());
-  const double thr = 1e-12 * std::max(1.0, std::abs(cur));
-  auto u = [&](int64_t x, int64_t y) { return (x < N && y < N) ? p.U[x * N + y] + G[x * N + y] : 0.0; };
-  for (int64_t pass = 0; pass < kPolishMaxPasses; ++pass) {
-    bool improved = false;
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = i + 1; j < M; ++j) {
-        const int64_t a = ext[i], b = ext[j];
-        if ((i >= N && j >= N) || (a >= N && b >= N)) continue;  // no real entry changes
-        // D(x, c): the change of P at real (x, c) when rows i, j swap columns a, b.
-        auto D = [&](int64_t x, int64_t c) -> double {
-          if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
-          if (x == j) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
-          return 0.0;
-        };
-        double delta = u(i, b) + u(j, a) - u(i, a) - u(j, b);
-        if (k > 0 && i < N && j < N && p.near1[i * N + j]) {  // q(D) = 0 unless i, j share an edge
-          for (const int64_t x : {i, j}) {
-            for (int64_t s = 0; s < k; ++s) {
-              const int64_t e = x * k + s, y = p.nbr1[e];
-              if (y != i && y != j) continue;
-              for (const int64_t c : {a, b}) {
-                if (c >= N) continue;
-                const double dxc = D(x, c);
-                for (int64_t t = 0; t < k; ++t) {
-                  const int64_t f = c * k + t, d = p.nbr2[f];
-                  if (d != a && d != b) continue;
-                  delta += static_cast<double>(p.Q[e * Nk + f]) * dxc * D(y, d);
-                }
-              }
-            }
-          }
-        }
-        if (!(delta > thr)) continue;
-        // grad q += grad q(D): source term over in-edges of {i, j} x {a, b}, target term over out-edges.
-        if (k > 0) {
-          for (const int64_t x : {i, j}) {
-            if (x >= N) continue;
-            for (const int64_t c : {a, b}) {
-              if (c >= N) continue;
-              const double dxc = D(x, c);
-              for (int64_t q1 = p.in1_ptr[x]; q1 < p.in1_ptr[x + 1]; ++q1) {
-                const int64_t e = p.in1_e[q1];
-                for (int64_t q2 = p.in2_ptr[c]; q2 < p.in2_ptr[c + 1]; ++q2) {
-                  const int64_t f = p.in2_f[q2];
-                  G[p.in1_head[q1] * N + p.in2_head[q2]] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
-                }
-              }
-              for (int64_t s = 0; s < k; ++s) {
-                const int64_t e = x * k + s;
-                for (int64_t t = 0; t < k; ++t) {
-                  const int64_t f = c * k + t;
-                  G[p.nbr1[e] * N + p.nbr2[f]] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
-                }
-              }
-            }
-          }
-        }
-        ext[i] = b;
-        ext[j] = a;
-        cur += delta;
-        improved = true;
-      }
-    }
-    if (!improved) break;
-  }
-  for (int64_t i = 0; i < N; ++i) w.best[i] = ext[i] < N ? ext[i] : -1;
-  return objective_perm(p, w.best.data());
-}
 
 // Start r: 0 the barycenter J/N (or the given init vertex), 1 the vertex LAP(U), r >= 2 the
 // midpoint of J/N and a random permutation. g0: grad q(J/N) of the problem, for Frank-Wolfe's
 // non-vertex starts (their gradients follow from it by linearity); null when no start needs it.
 template <typename qt>
-void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, int64_t max_iter, double tol,
+void solve_task(const Problem<qt>& p, int64_t r, QapMethod method, int64_t max_iter, double tol,
                 int64_t seed, const int64_t* init, const double* g0, Work& w, int64_t* out_perm, double* out_f) {
   const int64_t N = p.N, NN = N * N;
   if (p.Q == nullptr) {  // linear: the assignment of U is optimal
@@ -557,7 +262,7 @@ void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, in
     std::fill(w.X.begin(), w.X.begin() + NN, c);
     if (r >= 2) {
       start.resize(N);
-      random_start_perm(seed, g, r, N, start.data());
+      random_start_perm(seed, r, N, start.data());
       for (int64_t i = 0; i < N; ++i) w.X[i * N + start[i]] += 0.5;
     }
   }
@@ -584,29 +289,13 @@ void solve_task(const Problem<qt>& p, int64_t g, int64_t r, QapMethod method, in
   std::copy(w.best.begin(), w.best.begin() + N, out_perm);
 }
 
-template <typename qt>
-Problem<qt> make_problem(const double* U, const qt* Q, const int64_t* n1, const int64_t* n2, int64_t N, int64_t k,
-                         bool partial, bool with_reverse) {
-  Problem<qt> p;
-  p.N = N;
-  p.k = k;
-  p.Nk = N * k;
-  p.U = U;
-  p.Q = Q;
-  p.nbr1 = n1;
-  p.nbr2 = n2;
-  p.partial = partial;
-  if (with_reverse && Q != nullptr) p.build_reverse();
-  return p;
-}
-
 std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2,
                                                  const c10::optional<at::Tensor>& Q,
                                                  const c10::optional<at::Tensor>& H1,
                                                  const c10::optional<at::Tensor>& H2, c10::string_view method_name,
                                                  int64_t max_iter, double tol, int64_t restarts, bool partial,
                                                  int64_t seed, c10::string_view estimator, double lambda,
-                                                 const c10::optional<at::Tensor>& init) {
+                                                 const c10::optional<at::Tensor>& init, bool /*sparse_q_grad*/) {
   TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
   const QapInputs in = prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator,
                                    lambda, init, partial, /*defer_q_check=*/true);
@@ -646,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::
       for (int64_t task = next++; task < T; task = next++) {
         const int64_t g = task / R, r = task % R;
         const int64_t* init_g = in.init.defined() ? in.init.data_ptr<int64_t>() + g * N : nullptr;
-        solve_task(problem(g), g, r, in.method, max_iter, tol, seed, init_g,
+        solve_task(problem(g), r, in.method, max_iter, tol, seed, init_g,
                    with_g0 ? g0.data_ptr<double>() + g * N * N : nullptr, w, perms.data() + task * N,
                    fvals.data() + task);
       }
@@ -665,118 +354,8 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cpu(const at::Tensor& U, const at::
   return {perm_to_z(best, N, U.scalar_type()), obj.to(U.scalar_type())};
 }
 
-// The batched driver (qap_driver.h) with CPU hooks: what the CUDA kernel runs, testable here.
-std::tuple<at::Tensor, at::Tensor> qap_solve_batched_cpu(
-    const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2, const c10::optional<at::Tensor>& Q,
-    const c10::optional<at::Tensor>& H1, const c10::optional<at::Tensor>& H2, c10::string_view method_name,
-    int64_t max_iter, double tol, int64_t restarts, bool partial, int64_t seed, c10::string_view estimator,
-    double lambda, const c10::optional<at::Tensor>& init) {
-  TORCH_CHECK(U.device().is_cpu(), "qap_solve: U must be a CPU tensor for the CPU kernel");
-  const QapInputs in = prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator,
-                                   lambda, init, partial);
-  const int64_t G = in.G, N = in.N, k = in.k, R = in.R, B = G * R;
-  if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
-  at::Tensor perm, obj;
-  AT_DISPATCH_FLOATING_TYPES(in.Qt.scalar_type(), "qap_solve_batched_cpu", [&] {
-    const scalar_t* qp = in.has_q ? in.Qt.data_ptr<scalar_t>() : nullptr;
-    std::vector<Problem<scalar_t>> probs;
-    for (int64_t g = 0; g < G; ++g) {
-      probs.push_back(make_problem<scalar_t>(in.Ud.data_ptr<double>() + g * N * N,
-                                             in.has_q ? qp + g * N * k * N * k : nullptr,
-                                             in.n1.data_ptr<int64_t>() + g * N * k,
-                                             in.n2.data_ptr<int64_t>() + g * N * k, N, k, partial, true));
-    }
-    QapHooks h;
-    h.grad = [&](const at::Tensor& X) {
-      const at::Tensor Xc = X.contiguous();
-      at::Tensor out = at::empty_like(Xc);
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<double> xg(N * N * std::max<int64_t>(k, 1));
-        for (int64_t b = b0; b < b1; ++b) {
-          grad_q(probs[b / R], Xc.data_ptr<double>() + b * N * N, out.data_ptr<double>() + b * N * N, xg.data());
-        }
-      });
-      return out;
-    };
-    h.lap = [&](const at::Tensor& S, at::Tensor& v, bool warm, bool clamp) {
-      const at::Tensor Sc = S.contiguous();
-      const int64_t Bs = Sc.size(0), n = Sc.size(1);
-      at::Tensor cols = at::empty({Bs, n}, S.options().dtype(at::kLong));
-      at::parallel_for(0, Bs, 1, [&](int64_t b0, int64_t b1) {
-        LapWorkspace ws;
-        for (int64_t b = b0; b < b1; ++b) {
-          ws.resize(n);
-          double* vb = v.data_ptr<double>() + b * n;
-          if (warm) std::copy(vb, vb + n, ws.v.begin());
-          lap_solve(Sc.data_ptr<double>() + b * n * n, n, true, clamp, ws, warm);
-          std::copy(ws.v.begin(), ws.v.end(), vb);
-          std::copy(ws.col4row.begin(), ws.col4row.end(), cols.data_ptr<int64_t>() + b * n);
-        }
-      });
-      return cols;
-    };
-    h.quad_perm = [&](const at::Tensor& pm) {
-      const at::Tensor pc = pm.contiguous();
-      at::Tensor out = at::empty({pc.size(0)}, U.options().dtype(at::kDouble));
-      for (int64_t b = 0; b < pc.size(0); ++b) {
-        out.data_ptr<double>()[b] = quad_perm(probs[b / R], pc.data_ptr<int64_t>() + b * N);
-      }
-      return out;
-    };
-    h.random_perms = [&](int64_t sd) {
-      at::Tensor out = at::empty({B, N}, U.options().dtype(at::kLong));
-      for (int64_t b = 0; b < B; ++b) random_start_perm(sd, b / R, b % R, N, out.data_ptr<int64_t>() + b * N);
-      return out;
-    };
-    h.polish = [&](at::Tensor& pm, const at::Tensor&) {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        Work w;
-        w.resize(N, k, /*annealing=*/false);  // 2-opt only
-        for (int64_t b = b0; b < b1; ++b) {
-          int64_t* row = pm.data_ptr<int64_t>() + b * N;
-          std::copy(row, row + N, w.best.begin());
-          polish(probs[b / R], w);
-          std::copy(w.best.begin(), w.best.begin() + N, row);
-        }
-      });
-    };
-    std::tie(perm, obj) =
-        qap_solve_driver(in.Ud, R, in.has_q, in.method, max_iter, tol, partial, seed, in.init, h);
-  });
-  return {perm_to_z(perm, N, U.scalar_type()), obj.to(U.scalar_type())};
-}
-
-at::Tensor qap_gradient_cpu(const at::Tensor& X, const at::Tensor& nbr1, const at::Tensor& nbr2, const at::Tensor& Q) {
-  TORCH_CHECK(X.device().is_cpu(), "qap_gradient: X must be a CPU tensor for the CPU kernel");
-  check_gradient_args(X, nbr1, nbr2, Q);
-  const int64_t G = X.size(0), N = X.size(-1), k = nbr1.size(2);
-  const int64_t R = X.dim() == 4 ? X.size(1) : 1;
-  at::Tensor out = at::zeros({G * R, N, N}, X.options().dtype(at::kDouble));
-  if (G * R == 0 || N == 0 || k == 0) return out.view(X.sizes()).to(X.scalar_type());
-  const at::Tensor Xd = X.to(at::kDouble).contiguous();
-  const at::Tensor Qt = solver_q_table(Q);
-  const at::Tensor n1 = nbr1.contiguous(), n2 = nbr2.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(Qt.scalar_type(), "qap_gradient_cpu", [&] {
-    at::parallel_for(0, G * R, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<double> xg(N * N * k);
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t g = task / R;
-        const Problem<scalar_t> p = make_problem<scalar_t>(
-            nullptr, Qt.data_ptr<scalar_t>() + g * N * k * N * k, n1.data_ptr<int64_t>() + g * N * k,
-            n2.data_ptr<int64_t>() + g * N * k, N, k, false, false);
-        grad_q(p, Xd.data_ptr<double>() + task * N * N, out.data_ptr<double>() + task * N * N, xg.data());
-      }
-    });
-  });
-  return out.view(X.sizes()).to(X.scalar_type());
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(exgramed, CPU, m) {
-  m.impl("qap_solve", &qap_solve_cpu);
-  m.impl("qap_gradient", &qap_gradient_cpu);
-  m.impl("qap_solve_batched", &qap_solve_batched_cpu);
-}
+TORCH_LIBRARY_IMPL(exgramed, CPU, m) { m.impl("qap_solve", &qap_solve_cpu); }
 
 }  // namespace exgramed

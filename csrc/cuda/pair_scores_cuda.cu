@@ -18,7 +18,7 @@ __global__ void pair_scores_kernel(const scalar_t* __restrict__ C, const scalar_
                                    const scalar_t* __restrict__ w2, const int64_t* __restrict__ nbr1,
                                    const int64_t* __restrict__ nbr2, const scalar_t* __restrict__ noise,
                                    scalar_t* __restrict__ out, int64_t P, int64_t N, int64_t k, scalar_t alpha,
-                                   scalar_t beta, scalar_t noise_scale, bool has_seed, int64_t seed) {
+                                   scalar_t beta, scalar_t noise_scale, const int64_t* __restrict__ seeds) {
   const int64_t Nk = N * k;
   const int64_t total = P * Nk * Nk;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
@@ -29,9 +29,9 @@ __global__ void pair_scores_kernel(const scalar_t* __restrict__ C, const scalar_
     const scalar_t* Cj = C + (p * N + nbr1[r]) * N;
     const int64_t a = f / k, b = nbr2[p * Nk + f];
     scalar_t v = alpha * w1[r] * w2[p * Nk + f] * ((Ci[a] - Ci[b]) - (Cj[a] - Cj[b])) + beta;
-    if (has_seed) {
+    if (seeds != nullptr) {
       uint32_t lo, hi;
-      noise_row_keys(seed, r, lo, hi);
+      noise_row_keys(seeds[p], e, lo, hi);
       v += noise_scale * static_cast<scalar_t>(gumbel_at(static_cast<uint32_t>(f), lo, hi));
     } else if (noise != nullptr) {
       v += noise_scale * noise[idx];
@@ -57,7 +57,7 @@ at::Tensor pair_scores_cuda(const at::Tensor& C, const at::Tensor& w1, const at:
         Cc.data_ptr<scalar_t>(), w1c.data_ptr<scalar_t>(), w2c.data_ptr<scalar_t>(), t1.data_ptr<int64_t>(),
         t2.data_ptr<int64_t>(), a.has_noise ? nz.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), a.P, a.N,
         a.k, static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), static_cast<scalar_t>(noise_scale),
-        a.has_seed, a.seed);
+        a.has_seed ? a.seeds.data_ptr<int64_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -72,27 +72,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cuda(const a
   return pair_scores_backward_aten(grad, C, w1, w2, nbr1, nbr2, alpha);
 }
 
-// edge_sq_norms on CUDA: the ATen composites of pair_scores.h (gathers, a reduction, and a batched GEMM
-// with the one-hot tail matrix in the backward: deterministic).
-at::Tensor edge_sq_norms_cuda(const at::Tensor& h, const at::Tensor& nbr) {
-  const c10::cuda::CUDAGuard guard(h.device());
-  check_edge_sq_norms_args(h, nbr, "edge_sq_norms");
-  return edge_sq_norms_aten(h, nbr);
-}
-
-at::Tensor edge_sq_norms_backward_cuda(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
-  const c10::cuda::CUDAGuard guard(h.device());
-  check_edge_sq_norms_backward_args(grad, h, nbr);
-  return edge_sq_norms_backward_aten(grad, h, nbr);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(exgramed, CUDA, m) {
   m.impl("pair_scores", &pair_scores_cuda);
   m.impl("pair_scores_backward", &pair_scores_backward_cuda);
-  m.impl("edge_sq_norms", &edge_sq_norms_cuda);
-  m.impl("edge_sq_norms_backward", &edge_sq_norms_backward_cuda);
 }
 
 }  // namespace exgramed

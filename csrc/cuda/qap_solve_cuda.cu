@@ -1,5 +1,5 @@
-// qap_solve / qap_solve_batched / qap_gradient, CUDA kernels. The solve is the batched driver
-// (qap_driver.h: all starts of all problems in lock-step, ATen ops for the elementwise work, no
+// qap_solve, CUDA kernel: the lock-step driver
+// (qap_solve_lockstep.h: all starts of all problems in lock-step, ATen ops for the elementwise work, no
 // per-iteration host sync) with these device hooks:
 //   gradient      one thread per (iterate, x, y), gathers only (out-edges of x, y, then the
 //                 in-edge lists): deterministic, no atomics; float64 accumulation
@@ -16,53 +16,14 @@
 #include <climits>
 
 #include "cuda/lap_cuda.cuh"
+#include "cuda/qap_cuda.cuh"
 #include "qap.h"
-#include "qap_driver.h"
+#include "qap_solve_lockstep.h"
 
 namespace exgramed {
 namespace {
 
-constexpr int kThreads = 256;
-
-// One problem's neighbour tables and in-edge lists (CSR).
-struct GraphView {
-  const int64_t *n1, *n2, *ptr1, *ptr2, *in1, *in2;
-};
-
-struct Graphs {
-  const int64_t *n1, *n2, *ptr1, *in1, *ptr2, *in2;  // per problem offsets: g*N*k, g*(N+1), g*N*k
-  __device__ GraphView of(int64_t g, int64_t N, int64_t k) const {
-    const int64_t Nk = N * k;
-    return {n1 + g * Nk, n2 + g * Nk, ptr1 + g * (N + 1), ptr2 + g * (N + 1), in1 + g * Nk, in2 + g * Nk};
-  }
-};
-
-template <typename qt>
-__global__ void grad_kernel(const double* __restrict__ X, const qt* __restrict__ Q, Graphs gr, double* __restrict__ out,
-                            int64_t B, int64_t R, int64_t N, int64_t k) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= B * N * N) return;
-  const int64_t b = idx / (N * N), x = (idx / N) % N, y = idx % N, g = b / R, Nk = N * k;
-  const qt* Qg = Q + g * Nk * Nk;
-  const double* Xb = X + b * N * N;
-  const auto [n1, n2, ptr1, ptr2, in1, in2] = gr.of(g, N, k);
-  double acc = 0.0;
-  for (int64_t s = 0; s < k; ++s) {
-    const int64_t e = x * k + s, j = n1[e];
-    for (int64_t t = 0; t < k; ++t) {
-      const int64_t f = y * k + t;
-      acc += static_cast<double>(Qg[e * Nk + f]) * Xb[j * N + n2[f]];
-    }
-  }
-  for (int64_t p = ptr1[x]; p < ptr1[x + 1]; ++p) {
-    const int64_t e = in1[p], i = e / k;
-    for (int64_t q = ptr2[y]; q < ptr2[y + 1]; ++q) {
-      const int64_t f = in2[q];
-      acc += static_cast<double>(Qg[e * Nk + f]) * Xb[i * N + f / k];
-    }
-  }
-  out[idx] = acc;
-}
+using namespace qap_cuda;
 
 template <typename qt>
 __global__ void quad_perm_kernel(const int64_t* __restrict__ perm, const qt* __restrict__ Q, Graphs gr,
@@ -96,7 +57,7 @@ __global__ void quad_perm_kernel(const int64_t* __restrict__ perm, const qt* __r
 
 __global__ void random_perm_kernel(int64_t* __restrict__ out, int64_t seed, int64_t B, int64_t R, int64_t N) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < B) random_start_perm(seed, b / R, b % R, N, out + b * N);
+  if (b < B) random_start_perm(seed, b % R, N, out + b * N);
 }
 
 // The change of P at real (x, c) when rows i, j swap columns a, b.
@@ -229,37 +190,6 @@ __global__ void polish_kernel(int64_t* __restrict__ perm, const double* __restri
   for (int64_t i = tid; i < N; i += nt) pb[i] = ext[i] < N ? ext[i] : -1;
 }
 
-inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
-
-struct CudaGraphs {
-  at::Tensor n1, n2, ptr1, in1, ptr2, in2;
-  Graphs view() const {
-    return {n1.data_ptr<int64_t>(),   n2.data_ptr<int64_t>(),  ptr1.data_ptr<int64_t>(),
-            in1.data_ptr<int64_t>(), ptr2.data_ptr<int64_t>(), in2.data_ptr<int64_t>()};
-  }
-};
-
-CudaGraphs make_graphs(const at::Tensor& n1, const at::Tensor& n2) {
-  CudaGraphs c;
-  c.n1 = n1.contiguous();
-  c.n2 = n2.contiguous();
-  std::tie(c.ptr1, c.in1) = in_edges_csr(c.n1);
-  std::tie(c.ptr2, c.in2) = in_edges_csr(c.n2);
-  return c;
-}
-
-template <typename qt>
-at::Tensor launch_grad(const at::Tensor& X, const at::Tensor& Q, const CudaGraphs& gr, int64_t R, int64_t N,
-                       int64_t k) {
-  const at::Tensor Xc = X.contiguous();
-  const int64_t B = Xc.size(0);
-  at::Tensor out = at::empty({B, N, N}, Xc.options());
-  if (B * N * N == 0) return out;
-  grad_kernel<qt><<<blocks_for(B * N * N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      Xc.data_ptr<double>(), Q.data_ptr<qt>(), gr.view(), out.data_ptr<double>(), B, R, N, k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
 
 std::tuple<at::Tensor, at::Tensor> qap_solve_cuda(const at::Tensor& U, const at::Tensor& nbr1, const at::Tensor& nbr2,
                                                   const c10::optional<at::Tensor>& Q,
@@ -267,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cuda(const at::Tensor& U, const at:
                                                   const c10::optional<at::Tensor>& H2, c10::string_view method_name,
                                                   int64_t max_iter, double tol, int64_t restarts, bool partial,
                                                   int64_t seed, c10::string_view estimator, double lambda,
-                                                  const c10::optional<at::Tensor>& init) {
+                                                  const c10::optional<at::Tensor>& init, bool /*sparse_q_grad*/) {
   const c10::cuda::CUDAGuard guard(U.device());
   const QapInputs in = prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator,
                                    lambda, init, partial);
@@ -313,28 +243,11 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cuda(const at::Tensor& U, const at:
   return {perm_to_z(perm, N, U.scalar_type()), obj.to(U.scalar_type())};
 }
 
-at::Tensor qap_gradient_cuda(const at::Tensor& X, const at::Tensor& nbr1, const at::Tensor& nbr2,
-                             const at::Tensor& Q) {
-  check_gradient_args(X, nbr1, nbr2, Q);
-  const c10::cuda::CUDAGuard guard(X.device());
-  const int64_t G = X.size(0), N = X.size(-1), k = nbr1.size(2);
-  const int64_t R = X.dim() == 4 ? X.size(1) : 1;
-  if (G * R == 0 || N == 0 || k == 0) return at::zeros_like(X);
-  const at::Tensor Xd = X.to(at::kDouble).reshape({G * R, N, N});
-  const at::Tensor Qt = solver_q_table(Q);
-  const CudaGraphs gr = make_graphs(nbr1, nbr2);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(Qt.scalar_type(), "qap_gradient_cuda",
-                             [&] { out = launch_grad<scalar_t>(Xd, Qt, gr, R, N, k); });
-  return out.view(X.sizes()).to(X.scalar_type());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(exgramed, CUDA, m) {
   m.impl("qap_solve", &qap_solve_cuda);
-  m.impl("qap_solve_batched", &qap_solve_cuda);
-  m.impl("qap_gradient", &qap_gradient_cuda);
+  m.impl("qap_solve_lockstep", &qap_solve_cuda);
 }
 
 }  // namespace exgramed

@@ -19,14 +19,14 @@ using QapSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::T
                                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                                  const std::optional<at::Tensor>&, c10::string_view, int64_t, double,
                                                  int64_t, bool, int64_t, c10::string_view, double,
-                                                 const std::optional<at::Tensor>&);
+                                                 const std::optional<at::Tensor>&, bool);
 
 static std::tuple<at::Tensor, at::Tensor> qap_solve(const at::Tensor& U, const at::Tensor& n1, const at::Tensor& n2,
                                                     const at::Tensor& Q) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("exgramed::qap_solve", "").typed<QapSig>();
   return op.call(U, n1, n2, Q, std::nullopt, std::nullopt, "fw", 30, 1e-6, -1, false, 0, "imle", 80.0,
-                 std::nullopt);
+                 std::nullopt, false);
 }
 
 // f(perm) by the definition.

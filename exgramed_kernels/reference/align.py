@@ -10,25 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..align import problem_graphs
+from ..config import DEFAULTS
+from .edge_pair_indicator import edge_pair_indicator
 from .graph_conv import graph_conv as _graph_conv
-from .knn import knn_graph as _knn_graph
+from .knn_graph import knn_graph as _knn_graph
 from .pair_scores import gumbel_noise
-from .qap import qap_solve as _qap_solve
-
-
-def problem_graphs(K: int, mode: str) -> tuple[list[int], list[int]]:
-    """Graph indices ``(src, dst)`` of the matching problems, graph ``src[p]`` matched to ``dst[p]``.
-
-    ``barycenter``: graphs 0..K-1 are the modalities, graph K the barycenter; problems k -> K for
-    every k, then K -> k (both directions, as the official code). ``pairwise``: every pair k < l,
-    k -> l then, in the same order, l -> k. Both give ``P = 2K`` resp. ``K (K - 1)`` problems.
-    """
-    if mode == "barycenter":
-        return list(range(K)) + [K] * K, [K] * K + list(range(K))
-    if mode == "pairwise":
-        pairs = [(a, b) for a in range(K) for b in range(a + 1, K)]
-        return [a for a, _ in pairs] + [b for _, b in pairs], [b for _, b in pairs] + [a for a, _ in pairs]
-    raise ValueError(f"align: mode must be 'barycenter' or 'pairwise', got {mode!r}")
+from .qap_solve import qap_solve as _qap_solve
 
 
 def hamming_loss(Z: torch.Tensor) -> torch.Tensor:
@@ -36,16 +24,6 @@ def hamming_loss(Z: torch.Tensor) -> torch.Tensor:
     N = Z.shape[-1]
     T = torch.eye(N, dtype=Z.dtype, device=Z.device)
     return (Z * (1 - T) + (1 - Z) * T).sum((-2, -1)) / N
-
-
-def edge_pair_indicator(Z: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor) -> torch.Tensor:
-    """``P[e, f] = Z[i, a] Z[j, b]`` via incidence matrices: heads ``S`` and tails ``T`` of the edges."""
-    G, N, k = nbr1.shape
-    eye = torch.eye(N, dtype=Z.dtype, device=Z.device)
-    S = eye.repeat_interleave(k, dim=0).expand(G, N * k, N)  # S[e, i] = 1 iff e leaves i
-    T1 = F.one_hot(nbr1.reshape(G, N * k), N).to(Z.dtype)  # T1[e, j] = 1 iff e enters j
-    T2 = F.one_hot(nbr2.reshape(G, N * k), N).to(Z.dtype)
-    return (S @ Z @ S.transpose(1, 2)) * (T1 @ Z @ T2.transpose(1, 2))
 
 
 class _QAPEstimator(torch.autograd.Function):
@@ -74,13 +52,12 @@ class _QAPEstimator(torch.autograd.Function):
         return (zp - zm) * c, dP, None, None, None
 
 
-def align(
-    x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
-    dropout_mask=None, k=5, lambda_=80.0, noise_scale=0.3, solver="fw", estimator="imle",
-    mode="barycenter", metric="cosine", aggr="max", reverse=False, copy_structure=False,
-    partial=False, max_iter=50, tol=1e-6, restarts=1, seed=0, noise_seed=None, edge_floor=0.1,
-):
-    """Reference of ``torch.ops.exgramed.align`` (same arguments and results; see the op's docs)."""
+def align(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
+          dropout_mask=None, noise_seed=None, *, config=None, **options):
+    """Reference of ``torch.ops.exgramed.align`` (same arguments, options and results; see the op's docs)."""
+    cfg = (DEFAULTS if config is None else config).replace(**options)
+    k, mode, metric, aggr, reverse = cfg.k, cfg.mode, cfg.metric, cfg.aggr, cfg.reverse
+    copy_structure, edge_floor, noise_scale = cfg.copy_structure, cfg.edge_floor, cfg.noise_scale
     K, N, _ = x.shape
     graphs = torch.cat([x, x.mean(0, keepdim=True)]) if mode == "barycenter" else x
     nbr = _knn_graph(graphs.detach(), k, metric)
@@ -107,7 +84,7 @@ def align(
     U = hn[src] @ hn[dst].transpose(1, 2) - 0.5
     Q = 0.5 * (edges(h[src], nbr1) @ edges(h[dst], nbr2).transpose(1, 2) - 0.5)
     S = 1
-    for noise in (unary_noise, quadratic_noise):
+    for noise in (unary_noise, quadratic_noise, noise_seed):
         if noise is not None:
             S = noise.shape[0]
     P = len(src)
@@ -117,15 +94,16 @@ def align(
         U = U + noise_scale * unary_noise.expand(S, P, N, N)
     if quadratic_noise is not None:
         Q = Q + 0.5 * noise_scale * quadratic_noise.expand(S, P, N * k, N * k)
-    elif noise_seed is not None:  # pair_scores' in-kernel noise, rows s * P + p
-        g = gumbel_noise(int(noise_seed), S * P, N * k).to(Q.dtype).view(S, P, N * k, N * k)
+    elif noise_seed is not None:  # pair_scores' in-kernel noise: problem p of sample s from seed [s, p]
+        g = gumbel_noise(noise_seed.expand(S, P).reshape(-1), N * k).to(Q.dtype).view(S, P, N * k, N * k)
         Q = Q + 0.5 * noise_scale * g
     opts = {
-        "lambda_": lambda_,
-        "estimator": estimator,
-        "solver": dict(method=solver, max_iter=max_iter, tol=tol, restarts=restarts, partial=partial, seed=seed),
+        "lambda_": cfg.lambda_,
+        "estimator": cfg.estimator,
+        "solver": dict(method=cfg.solver, max_iter=cfg.max_iter, tol=cfg.tol, restarts=cfg.restarts,
+                       partial=cfg.partial, seed=cfg.seed),
     }
     nb1 = nbr1.repeat(S, 1, 1)
     nb2 = nbr2.repeat(S, 1, 1)
     Z = _QAPEstimator.apply(U.reshape(S * P, N, N), Q.reshape(S * P, N * k, N * k), nb1, nb2, opts)
-    return hamming_loss(Z).mean(), Z
+    return hamming_loss(Z).sum() / (S * P), Z

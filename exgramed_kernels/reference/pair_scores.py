@@ -3,7 +3,8 @@
     Q[p, e, f] = alpha * w1[p, e] * w2[p, f] * (C_ia - C_ib - C_ja + C_jb) + beta + noise_scale * n[p, e, f]
 
 for edge ``e = i * k + s = (i, j = nbr1[p, i, s])`` and ``f = a * k + t = (a, b = nbr2[p, a, t])``.
-The noise n is a given tensor, or the standard Gumbel sample :func:`gumbel_noise` of ``noise_seed``.
+The noise n is a given tensor, or the standard Gumbel sample :func:`gumbel_noise` of ``noise_seed``
+(one seed per problem: a problem's noise depends on its own seed only, not on its row in the batch).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
 
 
-def _splitmix64(s: int) -> tuple[int, int]:
+def splitmix64(s: int) -> tuple[int, int]:
     """One splitmix64 step on Python ints: (new state, output)."""
     s = (s + 0x9E3779B97F4A7C15) & _M64
     z = s
@@ -23,10 +24,11 @@ def _splitmix64(s: int) -> tuple[int, int]:
 
 
 def noise_row_keys(seed: int, row: int) -> tuple[int, int]:
-    """The two 32-bit keys of noise row ``row = p * Nk + e`` (``noise_row_keys`` of csrc/pair_scores.h)."""
-    s, z = _splitmix64(seed & _M64)
+    """The two 32-bit keys of row ``e`` of the noise of a problem with seed ``seed`` (``noise_row_keys`` of
+    csrc/pair_scores.h)."""
+    s, z = splitmix64(seed & _M64)
     s = z ^ ((row * 0xD1B54A32D192ED03) & _M64)
-    _, z = _splitmix64(s)
+    _, z = splitmix64(s)
     return z & _M32, z >> 32
 
 
@@ -46,18 +48,21 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: int, P: int, Nk: int) -> torch.Tensor:
-    """The in-kernel noise of ``pair_scores``: ``[P, Nk, Nk]`` float64 standard Gumbel samples,
-    ``-log(-log(u))`` with ``u = ((hash32(hash32(f ^ lo) ^ hi) >> 8) | 1) / 2^24``, exact in float32
-    and never 0 or 1 (the samples lie in [-2.82, 16.64])."""
+def gumbel_noise(seeds, Nk: int) -> torch.Tensor:
+    """The in-kernel noise of ``pair_scores`` for problems with seeds ``seeds`` (ints or an int64 tensor
+    ``[P]``): ``[P, Nk, Nk]`` float64 standard Gumbel samples, ``-log(-log(u))`` with
+    ``u = ((hash32(hash32(f ^ lo) ^ hi) >> 8) | 1) / 2^24`` and ``(lo, hi)`` the keys of row e of the
+    problem's seed: exact in float32 and never 0 or 1 (the samples lie in [-2.82, 16.64])."""
+    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
     f = torch.arange(Nk, dtype=torch.int64)
-    out = torch.empty(P * Nk, Nk, dtype=torch.float64)
-    for row in range(P * Nk):
-        lo, hi = noise_row_keys(seed, row)
-        x = hash32(hash32(f ^ lo) ^ hi)
-        u = ((x >> 8) | 1).double() / 16777216.0
-        out[row] = -torch.log(-torch.log(u))
-    return out.view(P, Nk, Nk)
+    out = torch.empty(len(seeds), Nk, Nk, dtype=torch.float64)
+    for p, seed in enumerate(seeds):
+        for e in range(Nk):
+            lo, hi = noise_row_keys(seed, e)
+            x = hash32(hash32(f ^ lo) ^ hi)
+            u = ((x >> 8) | 1).double() / 16777216.0
+            out[p, e] = -torch.log(-torch.log(u))
+    return out
 
 
 def pair_scores(C, w1, w2, nbr1, nbr2, alpha=1.0, beta=0.0, noise=None, noise_scale=0.0, noise_seed=None):
@@ -77,13 +82,5 @@ def pair_scores(C, w1, w2, nbr1, nbr2, alpha=1.0, beta=0.0, noise=None, noise_sc
     if noise is not None:
         Q = Q + noise_scale * noise.to(Q.dtype)
     elif noise_seed is not None:
-        Q = Q + noise_scale * gumbel_noise(int(noise_seed), P, Nk).to(device=Q.device, dtype=Q.dtype)
+        Q = Q + noise_scale * gumbel_noise(noise_seed, Nk).to(device=Q.device, dtype=Q.dtype)
     return Q
-
-
-def edge_sq_norms(h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
-    """Squared kNN edge lengths ``|h_i - h_j|^2`` for edge ``(i, j = nbr[g, i, s])`` at ``i * k + s``:
-    ``[G, N, h], [G, N, k] -> [G, N k]`` (differentiable; the reference of ``edge_sq_norms``)."""
-    G, N, k = nbr.shape
-    tails = torch.gather(h, 1, nbr.reshape(G, N * k, 1).expand(G, N * k, h.shape[-1]))
-    return (h.repeat_interleave(k, 1) - tails).square().sum(-1)

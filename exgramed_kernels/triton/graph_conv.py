@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..graph_conv import _aggregation_edges, check_graph_conv_args
+from ..checks import check_graph_conv_args
+from ..reference.graph_conv import aggregation_edges
 
 BLOCK_D = 64
 
@@ -95,7 +96,7 @@ def _gc_aggregate_backward_kernel(
 def _csr(nbr, aggr, reverse, acc_dtype):
     """Aggregation CSR (ptr, col, w, selfw) and its transpose (tptr, tcol, tpos), per graph."""
     G, N, k = nbr.shape
-    src, tgt, w, selfw = _aggregation_edges(nbr, aggr, reverse, acc_dtype)
+    src, tgt, w, selfw = aggregation_edges(nbr, aggr, reverse, acc_dtype)
     nodes = torch.arange(N + 1, device=nbr.device).expand(G, N + 1).contiguous()
     ptr = torch.searchsorted(tgt.contiguous(), nodes)
     ssrc, order = torch.sort(src, dim=1, stable=True)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..knn import check_knn_args
+from ..checks import check_knn_args
 
 MAX_N = 4096
 

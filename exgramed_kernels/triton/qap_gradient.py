@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..qap import check_gradient_args
+from ..checks import check_gradient_args
 
 
 @triton.jit

@@ -5,18 +5,7 @@ import torch
 
 from . import reference
 from ._backend import register_fallback
-
-
-def check_assignment_args(score: torch.Tensor, check_values: bool = True) -> None:
-    """The argument checks of the compiled kernels, for the fake and reference paths."""
-    if score.dim() != 3:
-        raise RuntimeError(f"linear_assignment: score must have shape [G, N, N] (3 dims), got {tuple(score.shape)}")
-    if score.shape[1] != score.shape[2]:
-        raise RuntimeError(f"linear_assignment: score must be square per problem ([G, N, N]), got {tuple(score.shape)}")
-    if not score.dtype.is_floating_point:
-        raise RuntimeError(f"linear_assignment: score must be a floating-point tensor, got {score.dtype}")
-    if check_values and score.numel() and not bool(torch.isfinite(score).all()):
-        raise RuntimeError("linear_assignment: score contains NaN or Inf")
+from .checks import check_assignment_args
 
 
 @torch.library.register_fake("exgramed::linear_assignment")

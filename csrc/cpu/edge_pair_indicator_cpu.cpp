@@ -1,18 +1,9 @@
-// The sparse gradients of align's estimators on the CPU, in two ops that meet at a COO tensor:
-//
-//   edge_pair_indicator_sparse(Z[], weights, nbr1, nbr2) -> (indices [3, nnz], values [nnz])
-//     the non-zero entries of sum_t weights[t, g] * P(Z_t)[g], P(Z)[e, f] = Z_ia Z_jb for edge e = (i, j)
-//     of graph 1 and f = (a, b) of graph 2 (estimators.edge_pair_indicator): qap_solve's dL/dQ. A
-//     matching has at most N k such entries per problem (edge e pairs only with the out-edges of a = Z(i)
-//     that end at b = Z(j)), so the result is built per edge from O(T k) candidates -- coalesced
-//     (sorted by (g, e, f), duplicates summed in term order, zero sums dropped).
-//
-//   pair_scores_backward_sparse(indices, values, C, w1, w2, nbr1, nbr2, alpha) -> (grad_C, grad_w1, grad_w2)
-//     pair_scores_backward of the [P, Nk, Nk] gradient those entries make (duplicates summed), visiting
-//     the entries only: float64 accumulation in their order (deterministic).
-//
-// Both replace a few dozen small torch ops per step (masks, gathers, index_add_) on tensors of a few
-// thousand entries. The sparse path is the CPU's (estimators._sparse_grad_q_ok); CUDA takes the dense one.
+// edge_pair_indicator_sparse, CPU: the non-zero entries of sum_t weights[t, g] * P(Z_t)[g],
+// P(Z)[e, f] = Z_ia Z_jb for edge e = (i, j) of graph 1 and f = (a, b) of graph 2 -- qap_solve's dL/dQ in
+// its estimators' backward. A matching has at most N k such entries per problem (edge e pairs only with the
+// out-edges of a = Z(i) that end at b = Z(j)), so the result is built per edge from O(T k) candidates --
+// coalesced (sorted by (g, e, f), duplicates summed in term order, zero sums dropped). Its consumer is
+// pair_scores_backward_sparse.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,7 +12,6 @@
 #include <vector>
 
 #include "checks.h"
-#include "pair_scores.h"
 
 namespace exgramed {
 namespace {
@@ -127,64 +117,8 @@ std::tuple<at::Tensor, at::Tensor> edge_pair_indicator_sparse_cpu(at::TensorList
   return {indices, values};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_sparse_cpu(
-    const at::Tensor& indices, const at::Tensor& values, const at::Tensor& C, const at::Tensor& w1,
-    const at::Tensor& w2, const at::Tensor& nbr1, const at::Tensor& nbr2, double alpha) {
-  constexpr const char* op = "pair_scores_backward_sparse";
-  TORCH_CHECK(C.device().is_cpu(), op, ": C must be a CPU tensor for the CPU kernel");
-  const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, c10::nullopt, c10::nullopt, op);
-  const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
-  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 2 && indices.size(0) == 3, op,
-              ": indices must be int64 [3, nnz] (problem, row e, column f), got ", indices.scalar_type(), " ",
-              indices.sizes());
-  const int64_t nnz = indices.size(1);
-  check_float(values, "pair_scores_backward_sparse: values");
-  TORCH_CHECK(values.dim() == 1 && values.size(0) == nnz, op, ": values must have shape [nnz] = [", nnz, "], got ",
-              values.sizes());
-  check_same_device(indices, "indices", C, "C");
-  check_same_device(values, "values", C, "C");
-  check_finite(values, "pair_scores_backward_sparse: values");
-  const at::Tensor ic = indices.contiguous();
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  for (int64_t x = 0; x < nnz; ++x) {
-    TORCH_CHECK(ip[x] >= 0 && ip[x] < P && ip[nnz + x] >= 0 && ip[nnz + x] < Nk && ip[2 * nnz + x] >= 0 &&
-                    ip[2 * nnz + x] < Nk,
-                op, ": index (", ip[x], ", ", ip[nnz + x], ", ", ip[2 * nnz + x], ") is outside [", P, ", ", Nk,
-                ", ", Nk, "]");
-  }
-  at::Tensor gC = at::zeros({P, N, N}, C.options().dtype(at::kDouble));
-  at::Tensor gw1 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
-  at::Tensor gw2 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
-  const at::Tensor vd = values.to(at::kDouble).contiguous();
-  const double* vp = vd.data_ptr<double>();
-  const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
-  const at::Tensor n1 = nbr1.contiguous(), n2 = nbr2.contiguous();
-  const int64_t* t1 = n1.data_ptr<int64_t>();
-  const int64_t* t2 = n2.data_ptr<int64_t>();
-  double* gCp = gC.data_ptr<double>();
-  double* gw1p = gw1.data_ptr<double>();
-  double* gw2p = gw2.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "pair_scores_backward_sparse_cpu", [&] {
-    const scalar_t* Cp = Cc.data_ptr<scalar_t>();
-    const scalar_t* w1p = w1c.data_ptr<scalar_t>();
-    const scalar_t* w2p = w2c.data_ptr<scalar_t>();
-    // The dense kernel's step (pair_scores.h), entry by entry.
-    for (int64_t x = 0; x < nnz; ++x) {
-      const int64_t p = ip[x], e = ip[nnz + x], f = ip[2 * nnz + x];
-      gw1p[p * Nk + e] += alpha * pair_scores_grad_entry(Cp + p * N * N, N, e / k, t1[p * Nk + e], f / k,
-                                                         t2[p * Nk + f], vp[x], static_cast<double>(w1p[p * Nk + e]),
-                                                         static_cast<double>(w2p[p * Nk + f]), alpha,
-                                                         gCp + p * N * N, gw2p[p * Nk + f]);
-    }
-  });
-  return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(exgramed, CPU, m) {
-  m.impl("edge_pair_indicator_sparse", &edge_pair_indicator_sparse_cpu);
-  m.impl("pair_scores_backward_sparse", &pair_scores_backward_sparse_cpu);
-}
+TORCH_LIBRARY_IMPL(exgramed, CPU, m) { m.impl("edge_pair_indicator_sparse", &edge_pair_indicator_sparse_cpu); }
 
 }  // namespace exgramed

@@ -9,13 +9,21 @@ def pairwise_distance(x: torch.Tensor, metric: str) -> torch.Tensor:
 
     l2: squared Euclidean distance, computed from differences (no Gram-matrix cancellation).
     cosine: 1 - cos(x_i, x_j); a zero vector has cosine 0 to every vector (distance 1).
+    Every pair is computed by the same operations in the same order, so equal pairs give equal
+    distances (exact ties).
     """
     if metric == "l2":
         return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square()
     if metric == "cosine":
         norm = x.norm(dim=-1, keepdim=True)
         xn = torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
-        return 1 - xn @ xn.transpose(-1, -2)
+        # Each dot product summed elementwise in one fixed order, not by a GEMM, whose blocking can round
+        # equal columns differently: duplicated points then tie exactly, as the kernels' ranking needs.
+        G, N, d = xn.shape
+        rows = max(1, (1 << 24) // max(1, N * d))
+        dots = torch.cat([(xn[:, i:i + rows, None, :] * xn[:, None, :, :]).sum(-1) for i in range(0, N, rows)], 1) \
+            if N else xn.new_zeros(G, 0, 0)
+        return 1 - dots
     raise ValueError(f"knn_graph: metric must be 'l2' or 'cosine', got {metric!r}")
 
 

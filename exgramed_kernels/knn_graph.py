@@ -5,27 +5,7 @@ import torch
 
 from . import reference
 from ._backend import register_fallback
-
-_METRICS = ("l2", "cosine")
-
-
-def check_knn_args(x: torch.Tensor, k: int, metric: str, check_values: bool = True) -> None:
-    """The argument checks of the compiled kernels, for the fake and reference paths."""
-    if metric not in _METRICS:
-        raise RuntimeError(f"knn_graph: metric must be 'l2' or 'cosine', got '{metric}'")
-    if x.dim() != 3:
-        raise RuntimeError(f"knn_graph: x must have shape [G, N, d] (3 dims), got {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise RuntimeError(f"knn_graph: x must be a floating-point tensor, got {x.dtype}")
-    N = x.shape[1]
-    if N < 2:
-        raise RuntimeError(f"knn_graph: x must have at least 2 nodes per graph (N >= 2), got N = {N}")
-    if not 1 <= k < N:
-        raise RuntimeError(f"knn_graph: k must satisfy 1 <= k < N (N = {N}), got k = {k}")
-    if x.shape[2] < 1:
-        raise RuntimeError("knn_graph: x must have at least one feature (d >= 1)")
-    if check_values and x.numel() and not bool(torch.isfinite(x).all()):
-        raise RuntimeError("knn_graph: x contains NaN or Inf")
+from .checks import check_knn_args
 
 
 @torch.library.register_fake("exgramed::knn_graph")

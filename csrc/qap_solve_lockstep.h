@@ -3,8 +3,8 @@
 // backend hooks for the kernels (gradient, linear assignment, vertex objective, random starts,
 // 2-opt). No host synchronisation inside an iteration: converged starts are masked (step 0),
 // and the loop checks "all converged" once every kSyncEvery iterations. This is what the CUDA
-// kernel of qap_solve runs; the CPU kernel runs one task per start instead (faster on a CPU),
-// and registers this driver as qap_solve_batched so the CPU tests cover it.
+// kernel of qap_solve runs; the CPU kernel runs one task per start instead (faster on a CPU).
+// The testing op qap_solve_lockstep runs this driver with CPU hooks, so the CPU tests cover it.
 //
 // Same algorithm, starts, tie rules and constants as the CPU solver (qap_solve_cpu.cpp) and the
 // reference (exgramed_kernels/reference/qap.py); the 2-opt may take improving swaps in another
@@ -30,7 +30,7 @@ struct QapHooks {
   std::function<at::Tensor(const at::Tensor&, at::Tensor&, bool, bool)> lap;
   // q(P) [B] float64 for (partial) permutations perm [B, N] (-1: unmatched).
   std::function<at::Tensor(const at::Tensor&)> quad_perm;
-  // Random permutations [B, N] int64 of start r = b % R of problem g = b / R.
+  // Random permutations [B, N] int64 of start r = b % R (the same for every problem).
   std::function<at::Tensor(int64_t)> random_perms;
   // 2-opt on perm [B, N] (in place); f_start [B] float64 is f(perm).
   std::function<void(at::Tensor&, const at::Tensor&)> polish;

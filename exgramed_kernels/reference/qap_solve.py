@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from .assignment import _lap_min
+from .linear_assignment import _lap_min
+from .pair_scores import splitmix64
+from .qap_gradient import edge_ends, pair_gather, qap_gradient
 
-METHODS = ("fw", "sinkhorn")
-ESTIMATORS = ("imle", "blackbox", "imle_symmetric")
 SINKHORN_INNER = 20  # Sinkhorn normalisation sweeps per temperature
 SINKHORN_T_RATIO = 1e-3  # final / initial temperature of the annealing
 POLISH_MAX_PASSES = 100
@@ -62,42 +62,13 @@ def implicit_q(H1: torch.Tensor, H2: torch.Tensor, nbr1: torch.Tensor, nbr2: tor
     return edge_vectors(H1, nbr1) @ edge_vectors(H2, nbr2).transpose(1, 2)
 
 
-def _pair_gather(X: torch.Tensor, idx1: torch.Tensor, idx2: torch.Tensor) -> torch.Tensor:
-    """out[g, e, f] = X[g, idx1[g, e], idx2[g, f]]."""
-    G, N, _ = X.shape
-    rows = torch.gather(X, 1, idx1.unsqueeze(2).expand(G, idx1.shape[1], N))
-    return torch.gather(rows, 2, idx2.unsqueeze(1).expand(G, idx1.shape[1], idx2.shape[1]))
-
-
-def _edges(nbr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    G, N, k = nbr.shape
-    src = torch.arange(N, device=nbr.device).repeat_interleave(k).expand(G, N * k)
-    return src, nbr.reshape(G, N * k)
-
-
-def qap_gradient(X: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Gradient of the quadratic term q at X ``[G, N, N]`` for dense Q ``[G, N*k, N*k]``: ``[G, N, N]``."""
-    G, N, k = nbr1.shape
-    if k == 0 or N == 0:
-        return torch.zeros_like(X)
-    s1, t1 = _edges(nbr1)
-    s2, t2 = _edges(nbr2)
-    Q = Q.to(X.dtype)
-    from_src = (Q * _pair_gather(X, t1, t2)).view(G, N, k, N, k).sum((2, 4))
-    # The target term scatters Q[e, f] X[s1(e), s2(f)] to (t1(e), t2(f)): 0/1 incidence products.
-    S1 = torch.nn.functional.one_hot(t1, N).to(X.dtype)
-    S2 = torch.nn.functional.one_hot(t2, N).to(X.dtype)
-    from_tgt = S1.transpose(1, 2) @ (Q * _pair_gather(X, s1, s2)) @ S2
-    return from_src + from_tgt
-
-
 def quadratic_term(X: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """q(X) ``[G]`` for dense Q."""
     if nbr1.shape[2] == 0 or X.shape[1] == 0:
         return X.new_zeros(X.shape[0])
-    s1, t1 = _edges(nbr1)
-    s2, t2 = _edges(nbr2)
-    return (Q.to(X.dtype) * _pair_gather(X, s1, s2) * _pair_gather(X, t1, t2)).sum((1, 2))
+    s1, t1 = edge_ends(nbr1)
+    s2, t2 = edge_ends(nbr2)
+    return (Q.to(X.dtype) * pair_gather(X, s1, s2) * pair_gather(X, t1, t2)).sum((1, 2))
 
 
 def qap_objective(Z, U, nbr1, nbr2, Q=None, H1=None, H2=None) -> torch.Tensor:
@@ -255,10 +226,17 @@ def _graduated_assignment(prob: _Problem, X: torch.Tensor, max_iter: int, tol: f
     return best_P
 
 
-def _random_perm_matrix(N: int, gen: torch.Generator) -> torch.Tensor:
-    P = torch.zeros(N, N, dtype=torch.float64)
-    P[torch.arange(N), torch.randperm(N, generator=gen)] = 1.0
-    return P
+def random_start_perm(seed: int, r: int, N: int) -> list[int]:
+    """The permutation of random start r (Fisher-Yates on splitmix64; ``random_start_perm`` of csrc/qap.h):
+    keyed by (seed, r) only, so a problem's starts do not depend on its position in the batch."""
+    _, z = splitmix64(seed & 0xFFFFFFFFFFFFFFFF)
+    s = z ^ ((r * 0x8CB92BA72F3D8DD7) & 0xFFFFFFFFFFFFFFFF)
+    perm = list(range(N))
+    for i in range(N - 1, 0, -1):
+        s, z = splitmix64(s)
+        j = z % (i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
 
 
 def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30, tol=1e-6, restarts=-1,
@@ -266,7 +244,7 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
     """Reference solver; same signature and result contract as ``torch.ops.exgramed.qap_solve``.
 
     Starts: 0 the barycenter J/N (the vertex ``init[g]`` when given), 1 the vertex LAP(U), r >= 2 the midpoint of J/N and a random
-    permutation drawn from a generator seeded by (seed, g, r). Returns (Z [G,N,N], obj [G]) in U's dtype.
+    permutation keyed by (seed, r) (:func:`random_start_perm`, the kernels' generator). Returns (Z [G,N,N], obj [G]) in U's dtype.
     """
     G, N, _ = U.shape
     device, dtype = U.device, U.dtype
@@ -294,8 +272,8 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
                 elif r == 1:
                     X0 = prob.lap(prob.U)
                 else:
-                    gen = torch.Generator().manual_seed((seed * 1_000_003 + g) * 1_009 + r)
-                    X0 = 0.5 * (torch.full((N, N), 1.0 / N, dtype=torch.float64) + _random_perm_matrix(N, gen))
+                    X0 = 0.5 * (torch.full((N, N), 1.0 / N, dtype=torch.float64)
+                                + _perm_matrix(random_start_perm(seed, r, N), N))
                 if method == "fw":
                     P = _frank_wolfe(prob, X0, max_iter, tol, vertex_start=r == 1 or (r == 0 and init is not None))
                 else:  # starts also differ in the initial temperature (annealing forgets a hot start)

@@ -1,0 +1,333 @@
+// The CPU graph-matching solver's shared pieces: one problem's data, the quadratic term's gradient and
+// value at a matrix or a (partial) permutation, the linear oracle, and 2-opt. Used by qap_solve's CPU
+// kernel (Frank-Wolfe / graduated assignment per task), qap_gradient's, and the CPU run of the lock-step
+// driver (qap_solve_lockstep).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "assignment.h"
+#include "qap.h"
+
+namespace exgramed {
+namespace qap_cpu {
+
+// One problem's data: U and Q row-major, neighbour tables, and the reverse (in-edge) lists
+// the 2-opt gradient updates need (edges in increasing id: deterministic).
+template <typename qt>
+struct Problem {
+  int64_t N = 0, k = 0, Nk = 0;
+  const double* U = nullptr;
+  const qt* Q = nullptr;  // [Nk, Nk]
+  const int64_t* nbr1 = nullptr;
+  const int64_t* nbr2 = nullptr;
+  bool partial = false;
+  std::vector<int64_t> in1_ptr, in1_e, in2_ptr, in2_f;
+  std::vector<int64_t> in1_head, in2_head;  // e / k and f / k of the lists' edges (no division in the loops)
+  std::vector<char> near1;  // near1[i*N+j]: an edge of graph 1 joins i and j, or a self-loop sits on i or j
+
+  void build_reverse() {
+    near1.assign(N * N, 0);
+    std::vector<char> loop(N, 0);
+    for (int64_t e = 0; e < Nk; ++e) {
+      const int64_t i = e / k, j = nbr1[e];
+      near1[i * N + j] = near1[j * N + i] = 1;
+      if (i == j) loop[i] = 1;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (!loop[i]) continue;
+      for (int64_t j = 0; j < N; ++j) near1[i * N + j] = near1[j * N + i] = 1;
+    }
+    auto rev = [&](const int64_t* nbr, std::vector<int64_t>& ptr, std::vector<int64_t>& lst) {
+      ptr.assign(N + 1, 0);
+      for (int64_t e = 0; e < Nk; ++e) ++ptr[nbr[e] + 1];
+      for (int64_t j = 0; j < N; ++j) ptr[j + 1] += ptr[j];
+      lst.assign(Nk, 0);
+      std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
+      for (int64_t e = 0; e < Nk; ++e) lst[fill[nbr[e]]++] = e;
+    };
+    rev(nbr1, in1_ptr, in1_e);
+    rev(nbr2, in2_ptr, in2_f);
+    in1_head.resize(Nk);
+    in2_head.resize(Nk);
+    for (int64_t q = 0; q < Nk; ++q) {
+      in1_head[q] = in1_e[q] / k;
+      in2_head[q] = in2_f[q] / k;
+    }
+  }
+};
+
+// out = grad q(X) (N x N); xg: scratch N*Nk, xg[j, f] = X[j, t2(f)].
+template <typename qt>
+void grad_q(const Problem<qt>& p, const double* X, double* out, double* xg) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk;
+  std::fill(out, out + N * N, 0.0);
+  for (int64_t j = 0; j < N; ++j) {
+    for (int64_t f = 0; f < Nk; ++f) xg[j * Nk + f] = X[j * N + p.nbr2[f]];
+  }
+  for (int64_t e = 0; e < Nk; ++e) {
+    const int64_t i = e / k, j = p.nbr1[e];
+    const qt* qrow = p.Q + e * Nk;
+    const double* xgj = xg + j * Nk;
+    const double* xi = X + i * N;
+    double* os = out + i * N;
+    double* ot = out + j * N;
+    for (int64_t a = 0; a < N; ++a) {
+      // source term: (i, a) <- Q[e, f] X[t1(e), t2(f)] over the out-edges f of a
+      double acc = 0.0;
+      for (int64_t t = 0; t < k; ++t) acc += static_cast<double>(qrow[a * k + t]) * xgj[a * k + t];
+      os[a] += acc;
+      // target term: (t1(e), t2(f)) <- Q[e, f] X[s1(e), a]
+      const double xa = xi[a];
+      if (xa != 0.0) {
+        for (int64_t t = 0; t < k; ++t) ot[p.nbr2[a * k + t]] += static_cast<double>(qrow[a * k + t]) * xa;
+      }
+    }
+  }
+}
+
+// out = keep * out + t * grad q(P) for a (partial) permutation P, perm[i] = column of row i or -1:
+// O(N^2 + N k^2) instead of O(N^2 k^2), as P has one entry per row (keep = 0, t = 1: grad q(P)
+// itself). Needs the reverse lists.
+template <typename qt>
+void grad_q_perm(const Problem<qt>& p, const int64_t* perm, double* out, double keep = 0.0, double t = 1.0) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk;
+  if (keep == 0.0) {
+    std::fill(out, out + N * N, 0.0);
+  } else if (keep != 1.0) {
+    for (int64_t x = 0; x < N * N; ++x) out[x] *= keep;
+  }
+  // The entries read are scattered over Q (6.5 MB per problem at N = 256): their addresses are known
+  // ahead, so row x + kAhead's are prefetched while row x is summed (latency-bound otherwise).
+  constexpr int64_t kAhead = 2;
+  auto prefetch_row = [&](int64_t x) {
+    for (int64_t s = 0; s < k; ++s) {
+      const int64_t e = x * k + s, b = perm[p.nbr1[e]];
+      if (b < 0) continue;
+      for (int64_t q = p.in2_ptr[b]; q < p.in2_ptr[b + 1]; ++q) __builtin_prefetch(p.Q + e * Nk + p.in2_f[q]);
+    }
+    for (int64_t q = p.in1_ptr[x]; q < p.in1_ptr[x + 1]; ++q) {
+      const int64_t a = perm[p.in1_head[q]];
+      if (a >= 0) __builtin_prefetch(p.Q + p.in1_e[q] * Nk + a * k);
+    }
+  };
+  for (int64_t x = 0; x < std::min(N, kAhead); ++x) prefetch_row(x);
+  for (int64_t x = 0; x < N; ++x) {
+    if (x + kAhead < N) prefetch_row(x + kAhead);
+    double* ox = out + x * N;
+    // source term: P[t1(e), t2(f)] = 1 for the in-edges f of perm[t1(e)]
+    for (int64_t s = 0; s < k; ++s) {
+      const int64_t e = x * k + s, b = perm[p.nbr1[e]];
+      if (b < 0) continue;
+      const qt* qe = p.Q + e * Nk;
+      for (int64_t q = p.in2_ptr[b]; q < p.in2_ptr[b + 1]; ++q) {
+        ox[p.in2_head[q]] += t * static_cast<double>(qe[p.in2_f[q]]);
+      }
+    }
+    // target term: P[s1(e), s2(f)] = 1 for the out-edges f of perm[s1(e)]
+    for (int64_t q = p.in1_ptr[x]; q < p.in1_ptr[x + 1]; ++q) {
+      const int64_t e = p.in1_e[q], a = perm[p.in1_head[q]];
+      if (a < 0) continue;
+      const qt* qf = p.Q + e * Nk + a * k;
+      const int64_t* na = p.nbr2 + a * k;
+      for (int64_t tt = 0; tt < k; ++tt) ox[na[tt]] += t * static_cast<double>(qf[tt]);
+    }
+  }
+}
+
+// q(P) of a (partial) permutation, perm[i] = column of row i or -1: O(N k^2).
+template <typename qt>
+double quad_perm(const Problem<qt>& p, const int64_t* perm) {
+  if (p.Q == nullptr) return 0.0;
+  const int64_t k = p.k, Nk = p.Nk;
+  double s = 0.0;
+  for (int64_t i = 0; i < p.N; ++i) {
+    const int64_t a = perm[i];
+    if (a < 0) continue;
+    for (int64_t si = 0; si < k; ++si) {
+      const int64_t e = i * k + si, b = perm[p.nbr1[e]];
+      if (b < 0) continue;
+      for (int64_t t = 0; t < k; ++t) {
+        if (p.nbr2[a * k + t] == b) s += static_cast<double>(p.Q[e * Nk + a * k + t]);
+      }
+    }
+  }
+  return s;
+}
+
+inline double dot_perm(const double* M, const int64_t* perm, int64_t N) {
+  double s = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (perm[i] >= 0) s += M[i * N + perm[i]];
+  }
+  return s;
+}
+
+template <typename qt>
+double objective_perm(const Problem<qt>& p, const int64_t* perm) {
+  return dot_perm(p.U, perm, p.N) + quad_perm(p, perm);
+}
+
+// Per-task scratch. gf, xg and L serve graduated assignment only (its dense gradient and Sinkhorn
+// matrix: ~5 MB at N = 256, zero-filled, so not allocated for Frank-Wolfe or 2-opt).
+struct Work {
+  LapWorkspace lap, lap2;
+  std::vector<double> X, gq, gf, xg, L;
+  std::vector<int64_t> P, best, ext;
+  std::vector<int64_t> verts;  // Frank-Wolfe: the vertices X is a combination of, N each
+  std::vector<double> vert_w;  // and their weights
+  void resize(int64_t N, int64_t k, bool annealing) {
+    X.resize(N * N);
+    gq.resize(N * N);
+    if (annealing) {
+      gf.resize(N * N);
+      xg.resize(N * N * std::max<int64_t>(k, 1));
+      L.resize(4 * N * N);
+    }
+    P.resize(N);
+    best.resize(N);
+    ext.resize(2 * N);
+  }
+};
+
+// The vertex maximising <S, P>, S = S1 (+ scale2 * S2 if given): LAP of S (of max(S, 0) with the
+// non-positive pairs dropped for partial permutations: max over partial permutations = that, as
+// extending a partial matching by pairs of score >= 0 never lowers it). The drop reads the LAP's own
+// cost matrix (c = -max(S, 0) < 0 exactly where S > 0), so both decisions see the same rounding of S.
+template <typename qt>
+void vertex_oracle(const Problem<qt>& p, const double* S1, const double* S2, Work& w, bool warm, int64_t* perm,
+                   double scale2 = 1.0) {
+  lap_solve_sum(S1, S2, p.N, /*maximize=*/true, p.partial, w.lap, warm, /*row_reduction=*/true, scale2);
+  const double* cost = w.lap.cost.data();
+  for (int64_t i = 0; i < p.N; ++i) {
+    const int64_t j = w.lap.col4row[i];
+    perm[i] = (p.partial && !(cost[i * p.N + j] < 0)) ? -1 : j;
+  }
+}
+
+template <typename qt>
+void keep_if_better(const Problem<qt>& p, const int64_t* perm, double f, double& best_f, int64_t* best) {
+  if (f > best_f) {
+    best_f = f;
+    std::copy(perm, perm + p.N, best);
+  }
+}
+
+// 2-opt on w.best: swap the columns of rows i < j while f increases. With partial, rows and
+// columns N..2N-1 are dummies (score 0, no edges): swapping with them matches/unmatches.
+// Delta of a swap D = P' - P: <U, D> + <grad q(P), D> + q(D); q(D) only over edges inside
+// {i, j} x {a, b}; grad q(P) is kept up to date by adding grad q(D) (O(k^2 + in-degree^2)).
+template <typename qt>
+double polish(const Problem<qt>& p, Work& w) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk, M = p.partial ? 2 * N : N;
+  int64_t* ext = w.ext.data();
+  if (p.partial) {
+    std::vector<char> used(N, 0);
+    for (int64_t i = 0; i < N; ++i) {
+      ext[i] = w.best[i] >= 0 ? w.best[i] : N + i;
+      if (w.best[i] >= 0) used[w.best[i]] = 1;
+    }
+    int64_t r = N;
+    for (int64_t a = 0; a < N; ++a) {
+      if (!used[a]) ext[r++] = a;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (w.best[i] >= 0) ext[r++] = N + i;
+    }
+  } else {
+    std::copy(w.best.begin(), w.best.begin() + N, ext);
+  }
+  double* G = w.gq.data();
+  grad_q_perm(p, w.best.data(), G);
+  double cur = objective_perm(p, w.best.data());
+  const double thr = 1e-12 * std::max(1.0, std::abs(cur));
+  auto u = [&](int64_t x, int64_t y) { return (x < N && y < N) ? p.U[x * N + y] + G[x * N + y] : 0.0; };
+  for (int64_t pass = 0; pass < kPolishMaxPasses; ++pass) {
+    bool improved = false;
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = i + 1; j < M; ++j) {
+        const int64_t a = ext[i], b = ext[j];
+        if ((i >= N && j >= N) || (a >= N && b >= N)) continue;  // no real entry changes
+        // D(x, c): the change of P at real (x, c) when rows i, j swap columns a, b.
+        auto D = [&](int64_t x, int64_t c) -> double {
+          if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
+          if (x == j) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
+          return 0.0;
+        };
+        double delta = u(i, b) + u(j, a) - u(i, a) - u(j, b);
+        if (k > 0 && i < N && j < N && p.near1[i * N + j]) {  // q(D) = 0 unless i, j share an edge
+          for (const int64_t x : {i, j}) {
+            for (int64_t s = 0; s < k; ++s) {
+              const int64_t e = x * k + s, y = p.nbr1[e];
+              if (y != i && y != j) continue;
+              for (const int64_t c : {a, b}) {
+                if (c >= N) continue;
+                const double dxc = D(x, c);
+                for (int64_t t = 0; t < k; ++t) {
+                  const int64_t f = c * k + t, d = p.nbr2[f];
+                  if (d != a && d != b) continue;
+                  delta += static_cast<double>(p.Q[e * Nk + f]) * dxc * D(y, d);
+                }
+              }
+            }
+          }
+        }
+        if (!(delta > thr)) continue;
+        // grad q += grad q(D): source term over in-edges of {i, j} x {a, b}, target term over out-edges.
+        if (k > 0) {
+          for (const int64_t x : {i, j}) {
+            if (x >= N) continue;
+            for (const int64_t c : {a, b}) {
+              if (c >= N) continue;
+              const double dxc = D(x, c);
+              for (int64_t q1 = p.in1_ptr[x]; q1 < p.in1_ptr[x + 1]; ++q1) {
+                const int64_t e = p.in1_e[q1];
+                for (int64_t q2 = p.in2_ptr[c]; q2 < p.in2_ptr[c + 1]; ++q2) {
+                  const int64_t f = p.in2_f[q2];
+                  G[p.in1_head[q1] * N + p.in2_head[q2]] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
+                }
+              }
+              for (int64_t s = 0; s < k; ++s) {
+                const int64_t e = x * k + s;
+                for (int64_t t = 0; t < k; ++t) {
+                  const int64_t f = c * k + t;
+                  G[p.nbr1[e] * N + p.nbr2[f]] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
+                }
+              }
+            }
+          }
+        }
+        ext[i] = b;
+        ext[j] = a;
+        cur += delta;
+        improved = true;
+      }
+    }
+    if (!improved) break;
+  }
+  for (int64_t i = 0; i < N; ++i) w.best[i] = ext[i] < N ? ext[i] : -1;
+  return objective_perm(p, w.best.data());
+}
+
+template <typename qt>
+Problem<qt> make_problem(const double* U, const qt* Q, const int64_t* n1, const int64_t* n2, int64_t N, int64_t k,
+                         bool partial, bool with_reverse) {
+  Problem<qt> p;
+  p.N = N;
+  p.k = k;
+  p.Nk = N * k;
+  p.U = U;
+  p.Q = Q;
+  p.nbr1 = n1;
+  p.nbr2 = n2;
+  p.partial = partial;
+  if (with_reverse && Q != nullptr) p.build_reverse();
+  return p;
+}
+
+}  // namespace qap_cpu
+}  // namespace exgramed
