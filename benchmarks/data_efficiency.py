@@ -485,8 +485,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.llm and not args.vision:
         p.error("--llm needs --vision")
-    from exgramed_train.__main__ import _align_options
-    args.align_options = _align_options(args.align_option)
+    from exgramed_train.contrastive import parse_aux_options
+    try:
+        args.align_options = parse_aux_options("alignment", args.align_option)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
     return args
 
 

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from exgramed_kernels.config import DEFAULTS
+
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="LLaVA-Med JSON file")
@@ -43,20 +45,25 @@ def _config(args, stage):
                        device=args.device, num_workers=args.num_workers, progress=not args.no_progress)
 
 
-def _align_options(pairs):
-    opts = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--align-option expects KEY=VALUE, got {pair!r}")
-        try:
-            opts[key] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key] = value
-    return opts
+# The training extras (requirements-train.txt, the package's "train" extra): import name -> distribution.
+TRAIN_EXTRAS = {"transformers": "transformers", "tokenizers": "tokenizers", "open_clip": "open_clip_torch",
+                "torchvision": "torchvision", "skimage": "scikit-image", "pydicom": "pydicom",
+                "matplotlib": "matplotlib", "PIL": "pillow", "tqdm": "tqdm", "numpy": "numpy"}
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as e:
+        dist = TRAIN_EXTRAS.get((e.name or "").split(".")[0])
+        if dist is None:
+            raise
+        print(f"python -m exgramed_train needs the training extras, and {dist} is not installed: "
+              "pip install 'exgramed[train]' (or, in a clone, pip install -r requirements-train.txt)", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exgramed_train", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -80,12 +87,13 @@ def main(argv=None) -> int:
     s2 = sub.add_parser("stage2", help="full instruction tuning with AR + alpha * alignment")
     s2.add_argument("--init-from", required=True, help="model directory written by stage1 (OUT/model)")
     s2.add_argument("--alpha", type=float, default=1.0)
-    s2.add_argument("--align-k", type=int, default=5)
+    s2.add_argument("--align-k", type=int, default=DEFAULTS.k, help="kNN degree of the alignment graphs")
     s2.add_argument("--align-hidden", type=int)
     s2.add_argument("--align-text", choices=["embed", "after_de"], default="embed")
     s2.add_argument("--official-pooling", action="store_true", help="mean-pool over pads too (official code)")
     s2.add_argument("--align-option", action="append", metavar="KEY=VALUE",
-                    help="extra MultiGraphAlignment option (JSON value), repeatable")
+                    help="an option of the auxiliary loss, repeatable: for the alignment any AlignConfig field "
+                         "(exgramed_kernels/config.py) or official, graph_scope, bias, modalities, message_passing")
     s2.add_argument("--aux-loss", choices=["alignment", "infonce", "siglip", "none"], default="alignment",
                     help="auxiliary loss added with weight --alpha (see exgramed_train/contrastive.py)")
     s2.add_argument("--tune-vision", action="store_true")
@@ -127,9 +135,14 @@ def main(argv=None) -> int:
                              projector=args.projector, select_layer=args.select_layer)
             factory = lambda: LlavaMed(spec)  # noqa: E731
         else:
+            from .contrastive import parse_aux_options
+            try:
+                align_options = parse_aux_options(args.aux_loss, args.align_option)
+            except (TypeError, ValueError) as e:
+                parser.error(str(e))
             overrides = dict(alpha=args.alpha, align_k=args.align_k, align_hidden=args.align_hidden,
                              align_text=args.align_text, official_pooling=args.official_pooling,
-                             align_options=_align_options(args.align_option), aux_loss=args.aux_loss)
+                             align_options=align_options, aux_loss=args.aux_loss)
             factory = lambda: LlavaMed.load(args.init_from, with_alignment=True, **overrides)  # noqa: E731
         print(json.dumps(train(_config(args, args.cmd), factory), indent=1))
     elif args.cmd == "evaluate":

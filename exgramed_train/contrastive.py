@@ -17,6 +17,8 @@ logs), so the training loop does not care which one it runs.
 """
 from __future__ import annotations
 
+import inspect
+import json
 import math
 from typing import NamedTuple
 
@@ -168,7 +170,7 @@ class NoAuxLoss(nn.Module):
         return AuxOutput(loss=(x * 0.0).sum(), accuracy=acc)
 
 
-def ablated_alignment(dim: int, hidden: int | None = None, k: int = 5, *, modalities=None,
+def ablated_alignment(dim: int, hidden: int | None = None, k: int | None = None, *, modalities=None,
                       message_passing: bool = True, **options):
     """:class:`exgramed_kernels.MultiGraphAlignment` with the paper's ablations.
 
@@ -208,10 +210,11 @@ def ablated_alignment(dim: int, hidden: int | None = None, k: int = 5, *, modali
     return AblatedAlignment()
 
 
-def build_aux_loss(kind: str, dim: int, hidden: int | None = None, k: int = 5, options: dict | None = None):
+def build_aux_loss(kind: str, dim: int, hidden: int | None = None, k: int | None = None, options: dict | None = None):
     """The stage-2 auxiliary loss module ``kind`` (one of :data:`AUX_LOSSES`) for ``d = dim``.
 
-    ``options``: for ``alignment``, MultiGraphAlignment's options plus the ablation keys of
+    ``k``: the alignment's kNN degree (None: its configuration's). ``options``: for ``alignment``,
+    MultiGraphAlignment's options plus the ablation keys of
     :func:`ablated_alignment` (``modalities``, ``message_passing``); for ``infonce`` /
     ``siglip``: ``text_modalities``, ``temperature`` (InfoNCE), ``logit_scale``/``logit_bias``
     (SigLIP), ``learn_temperature``; for ``none``: ``text_modalities``.
@@ -226,3 +229,46 @@ def build_aux_loss(kind: str, dim: int, hidden: int | None = None, k: int = 5, o
     if kind == "none":
         return NoAuxLoss(**options)
     raise ValueError(f"aux_loss must be one of {list(AUX_LOSSES)}, got {kind!r}")
+
+
+# MultiGraphAlignment's own keywords and ablated_alignment's that a command line may set, beside the
+# alignment options of exgramed_kernels.config.AlignConfig.
+ALIGNMENT_KEYS = ("official", "graph_scope", "bias", "modalities", "message_passing")
+
+
+def aux_option_keys(kind: str) -> tuple[str, ...]:
+    """The ``--align-option`` keys valid for the auxiliary loss ``kind`` (the kNN degree is ``--align-k``)."""
+    if kind == "alignment":
+        from exgramed_kernels.config import FIELDS
+
+        return tuple(f for f in FIELDS if f != "k") + ALIGNMENT_KEYS
+    cls = {"infonce": InfoNCELoss, "siglip": SigLIPLoss, "none": NoAuxLoss}.get(kind)
+    if cls is None:
+        raise ValueError(f"aux_loss must be one of {list(AUX_LOSSES)}, got {kind!r}")
+    return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+
+
+def parse_aux_options(kind: str, pairs) -> dict:
+    """``KEY=VALUE`` strings (the driver's repeatable ``--align-option``) as the options of :func:`build_aux_loss`.
+
+    Alignment options take their type from :class:`exgramed_kernels.config.AlignConfig`; other values are
+    read as JSON (a bare word stays a string). Unknown keys raise ``ValueError`` listing the valid ones.
+    """
+    from exgramed_kernels.config import FIELDS, parse_option
+
+    keys = aux_option_keys(kind)
+    out = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--align-option expects KEY=VALUE, got {pair!r}")
+        if key not in keys:
+            raise ValueError(f"--align-option: unknown key {key!r} for --aux-loss {kind}; valid: {', '.join(keys)}")
+        if kind == "alignment" and key in FIELDS:
+            out[key] = parse_option(key, text)
+            continue
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out

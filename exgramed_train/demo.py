@@ -22,7 +22,7 @@ from .tiny import demo_models
 from .training import TrainConfig, train
 
 DEMO = {"stage1": {"lr": 2e-3, "epochs": 2}, "stage2": {"lr": 1e-3, "epochs": 8},
-        "micro_batch": 8, "align_k": 5, "max_length": 192}
+        "micro_batch": 8, "max_length": 192}
 
 
 def run_demo(out="runs/demo", seed: int = 0, stage1_epochs: int | None = None, stage2_epochs: int | None = None,
@@ -35,7 +35,7 @@ def run_demo(out="runs/demo", seed: int = 0, stage1_epochs: int | None = None, s
     common = dict(image_folder=str(ASSETS / "images"), micro_batch=DEMO["micro_batch"], seed=seed,
                   max_length=DEMO["max_length"], progress=progress, warmup_ratio=0.1)
     spec = ModelSpec(llm=paths["llm"], vision=paths["vision"], tokenizer=paths["tokenizer"],
-                     align_k=DEMO["align_k"], align_options=align_options or {})
+                     align_options=align_options or {})
     t = time.perf_counter()
     s1 = train(TrainConfig(stage="stage1", data=str(ASSETS / "stage1.json"), out=str(out / "stage1"),
                            lr=DEMO["stage1"]["lr"], epochs=stage1_epochs or DEMO["stage1"]["epochs"], **common),
@@ -44,7 +44,7 @@ def run_demo(out="runs/demo", seed: int = 0, stage1_epochs: int | None = None, s
     t = time.perf_counter()
     s2 = train(TrainConfig(stage="stage2", data=str(ASSETS / "stage2.json"), out=str(out / "stage2"),
                            lr=DEMO["stage2"]["lr"], epochs=stage2_epochs or DEMO["stage2"]["epochs"], **common),
-               lambda: LlavaMed.load(s1["model"], with_alignment=True, align_k=DEMO["align_k"],
+               lambda: LlavaMed.load(s1["model"], with_alignment=True,
                                      align_options=align_options or {}))
     timings["stage2_s"] = time.perf_counter() - t
     t = time.perf_counter()

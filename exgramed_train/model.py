@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from exgramed_kernels.config import DEFAULTS
+
 from .data import IM_END, IM_PATCH, IM_START
 from .vision import load_vision
 
@@ -42,7 +44,7 @@ class ModelSpec:
     select_layer: int = -2
     align_text: str = "embed"
     official_pooling: bool = False
-    align_k: int = 5
+    align_k: int = DEFAULTS.k
     align_hidden: int | None = None
     align_options: dict = field(default_factory=dict)
     alpha: float = 1.0

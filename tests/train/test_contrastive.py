@@ -118,7 +118,7 @@ def test_no_aux_loss_is_zero_but_connected():
 def test_alignment_variants():
     from exgramed_kernels import MultiGraphAlignment
     plain = build_aux_loss("alignment", 8, None, 3, {"mode": "pairwise"})
-    assert type(plain) is MultiGraphAlignment and plain.mode == "pairwise"
+    assert type(plain) is MultiGraphAlignment and plain.config.mode == "pairwise"
     torch.manual_seed(0)
     x = torch.randn(3, 8, 8, requires_grad=True)
     noext = build_aux_loss("alignment", 8, None, 3, {"modalities": [0, 1]})
