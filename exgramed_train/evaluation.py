@@ -251,8 +251,16 @@ def _gt(q: dict) -> str:
     return str(answer)
 
 
+def _first_value(q: dict):
+    """The first turn's value (the question), or ``None``."""
+    turns = conversations_of(q)
+    first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+    return first.get("value") if _is_value(first.get("value")) else None
+
+
 def _question(q: dict) -> str:
-    text = str(conversations_of(q)[0]["value"])
+    """The question as a prompt, with ``<image>`` in front unless it has one."""
+    text = str(_first_value(q))
     return text if "<image>" in text else "<image>\n" + text
 
 
@@ -276,7 +284,7 @@ def _check_questions(questions, need_images: bool = False, source="questions") -
             problem = _NO_ANSWER
         elif need_images and (not isinstance(q.get("image"), str) or not q["image"]):
             problem = "missing or empty field 'image'"
-        elif need_images and not _is_value(conversations_of(q)[0].get("value")):
+        elif need_images and _first_value(q) is None:
             problem = "the first turn must be the question"
         else:
             continue

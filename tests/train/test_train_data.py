@@ -114,8 +114,8 @@ def _turns(*values):
     (_turns("<image>\nWhat is shown?", "<im_start>"), "conversations[1] contains the literal text '<im_start>'"),
 ])
 def test_image_placeholder_problems_are_rejected_up_front(tmp_path, tok, turns, why):
-    # each of these once passed validation and crashed training at its batch with
-    # "every sequence needs exactly 16 <im_patch> tokens", naming no record
+    # unchecked, the first four crash training at their batch ("every sequence needs exactly 16
+    # <im_patch> tokens", naming no record); a literal <im_start> would be trained on as an answer
     records = [rec("fine"), {"id": "bad-7", "image": "chest_000.png", "conversations": turns}]
     with pytest.raises(DataError) as e:
         load_records(write(tmp_path, records), ASSETS / "images", tok, N, 400)
