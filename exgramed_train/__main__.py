@@ -99,17 +99,26 @@ def _main(argv=None) -> int:
     s2.add_argument("--tune-vision", action="store_true")
     _train_args(s2)
 
-    e = sub.add_parser("evaluate", help="greedy VQA answers + LLaVA-Med metrics")
-    e.add_argument("--model", required=True)
-    e.add_argument("--questions", required=True)
-    e.add_argument("--image-folder", required=True)
-    e.add_argument("--answers", required=True, help="answer JSONL to write")
+    e = sub.add_parser("evaluate", help="answer VQA questions and score them, or rescore an answers file",
+                       description="With --model: answer every question greedily, write --answers, score it. "
+                                   "Without: score an existing --answers file (e.g. a published one).")
+    e.add_argument("--questions", "--gt", required=True,
+                   help="ground-truth question JSON (LLaVA-Med's test.json format; the official script's --gt)")
+    e.add_argument("--answers", required=True,
+                   help="answer JSONL ({question_id, text} per line): written with --model, else read")
+    e.add_argument("--model", help="model directory to answer with; without it, --answers is rescored")
+    e.add_argument("--image-folder", help="images of the questions (required with --model)")
+    e.add_argument("--rule", choices=["words", "official", "exgramed"], default="words",
+                   help="closed-question test: 'words' (default): whole words, a yes/no truth decided by the "
+                        "first yes/no word; 'official': LLaVA-Med v1.0.0 llava/eval/run_eval.py (prediction "
+                        "contains yes or no and the truth, as substrings); 'exgramed': ExGra-Med "
+                        "exgra_med/llava/eval/run_eval.py (the truth as a substring)")
+    e.add_argument("--candidates", help="candidate answers JSON ({\"0\": [...]}, LLaVA-Med's "
+                                        "train_open_answers.json) for the open accuracy")
     e.add_argument("--metrics", help="metrics JSON to write (also printed)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--closed-rule", choices=["words", "official"], default="words",
-                   help="closed-question hit test: whole words (default) or LLaVA-Med's substring test")
 
     g = sub.add_parser("generate-extended", help="write conversations_long with an LLM")
     from .extended import add_arguments
@@ -146,10 +155,16 @@ def _main(argv=None) -> int:
             factory = lambda: LlavaMed.load(args.init_from, with_alignment=True, **overrides)  # noqa: E731
         print(json.dumps(train(_config(args, args.cmd), factory), indent=1))
     elif args.cmd == "evaluate":
-        from .evaluation import evaluate
-        from .model import LlavaMed
-        metrics = evaluate(LlavaMed.load(args.model), args.questions, args.image_folder, args.answers,
-                           args.batch_size, args.max_new_tokens, args.device, args.closed_rule)
+        if args.model is None:
+            from .evaluation import rescore
+            metrics = rescore(args.questions, args.answers, args.rule, args.candidates)
+        elif args.image_folder is None:
+            e.error("--image-folder is required with --model")
+        else:
+            from .evaluation import evaluate
+            from .model import LlavaMed
+            metrics = evaluate(LlavaMed.load(args.model), args.questions, args.image_folder, args.answers,
+                               args.batch_size, args.max_new_tokens, args.device, args.rule, args.candidates)
         text = json.dumps(metrics, indent=1)
         if args.metrics:
             from .demo import _write_atomic

@@ -1,12 +1,14 @@
 """LLaVA-Med JSON data: validation, the v0 ``###`` template, tokenisation, batching.
 
-A record is ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}...]}``
-(the released LLaVA-Med files also spell the key ``conversatons``); stage-2
-records add ``conversations_long`` with the extended responses.  The whole file
-is validated up front (:func:`load_records`): problems are reported by record
-id, either as one :class:`DataError` listing them all, or — for over-length
-samples with ``on_overlength="skip"`` — as a counted warning naming the ids.
-Nothing is silently replaced, truncated or masked.
+A record is ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}...]}``;
+stage-2 records add ``conversations_long`` with the extended responses.  The
+released LLaVA-Med and ExGra-Med files are read as they are: integer ids,
+numeric values (read with ``str()``, as the official code does) and the
+misspelled keys ``conversatons`` / ``conversatons_long``.  The whole file is
+validated up front (:func:`load_records`): problems are reported by record id,
+either as one :class:`DataError` listing them all, or — for over-length samples
+with ``on_overlength="skip"`` — as a counted warning naming the ids.  Nothing is
+silently replaced, truncated or masked.
 """
 from __future__ import annotations
 
@@ -33,14 +35,44 @@ class DataError(ValueError):
     """A data file failed validation; the message names every offending record id."""
 
 
+# each field under its own name first, then under the released files' misspelling
+_SPELLINGS = {"conversations": ("conversations", "conversatons"),
+              "conversations_long": ("conversations_long", "conversatons_long")}
+
+
+def _field(rec: dict, name: str) -> tuple[str, object]:
+    """``(key as spelled in rec, value)`` of ``name``; ``(name, None)`` when absent."""
+    for key in _SPELLINGS[name]:
+        if key in rec:
+            return key, rec[key]
+    return name, None
+
+
 def conversations_of(rec: dict) -> list | None:
-    """The record's turns, accepting LLaVA-Med's released misspelling ``conversatons``."""
-    return rec.get("conversations", rec.get("conversatons"))
+    """The record's turns (``conversations``, or the released misspelling ``conversatons``)."""
+    return _field(rec, "conversations")[1]
 
 
-def responses_text(turns: list) -> str:
-    """All assistant (``gpt``) turns joined with a space: the response used for alignment."""
-    return " ".join(t["value"].strip() for t in turns if t["from"] == "gpt")
+def long_conversations_of(rec: dict) -> list | None:
+    """The extended turns (``conversations_long``, or ExGra-Med's ``conversatons_long``)."""
+    return _field(rec, "conversations_long")[1]
+
+
+def _text_turns(turns: list) -> list[dict]:
+    """Validated turns with every value as text (numbers read with ``str()``)."""
+    return [{"from": t["from"], "value": str(t["value"])} for t in turns]
+
+
+def responses_text(turns: list, official: bool = False) -> str:
+    """The assistant (``gpt``) turns as one text, the response node of the alignment.
+
+    Default: each stripped, joined with a space.  ``official``: as ExGra-Med's
+    code builds it: newlines removed, joined with ``". "``.
+    """
+    answers = [str(t["value"]) for t in turns if t["from"] == "gpt"]
+    if official:
+        return ". ".join(a.replace("\n", "") for a in answers)
+    return " ".join(a.strip() for a in answers)
 
 
 def load_image(path: str | os.PathLike):
@@ -72,10 +104,13 @@ def render_v0(turns: list, num_patches: int) -> list[tuple[str, str]]:
 
 
 def tokenize_conversation(turns: list, tokenizer, num_patches: int):
-    """Token ids and labels of a conversation; header and human turns are masked (``-100``).
+    """Token ids and labels of a conversation in the v0 template.
 
-    The tokens after the last assistant turn end with ``### `` (the generation
-    prompt of the v0 template) followed by ``</s>`` as the learned stop.
+    ``<s>``, the header, then each turn as ``### Human: ...\n`` or
+    ``### Assistant: ...\n``, each piece tokenised on its own so that the mask
+    boundaries are exact; then ``</s>``.  ``<s>``, the header and the human turns
+    are masked (``-100``); every assistant turn, ``###`` included, and the final
+    ``</s>`` (the learned stop) are trained.
     """
     ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
     for speaker, text in render_v0(turns, num_patches):
@@ -109,16 +144,21 @@ class Sample:
 
 def load_records(path, image_folder, tokenizer, num_patches: int, max_length: int,
                  need_long: bool = False, max_response_length: int = 256,
-                 on_overlength: str = "error", check_images: bool = True) -> list[Sample]:
+                 on_overlength: str = "error", check_images: bool = True,
+                 official_text: bool = False) -> list[Sample]:
     """Read and validate a LLaVA-Med JSON file; return tokenised samples in file order.
 
     Errors (all collected, then raised together as :class:`DataError`): records
-    that are not objects, missing ``id``/``image``/conversations, empty or
-    malformed turns, missing ``conversations_long`` when ``need_long``, duplicate
-    ids, unreadable images.  Over-length samples (more than ``max_length``
-    tokens, or responses over ``max_response_length``) are errors unless
-    ``on_overlength="skip"``, which drops them with one counted warning naming
-    them.
+    that are not objects, a missing ``id`` (string or integer) or ``image``,
+    missing, empty or malformed turns, empty or whitespace-only answers,
+    ``<image>`` anywhere but once in the first turn, the literal text of an image
+    token (``<im_start>``, ``<im_patch>``, ``<im_end>``), missing
+    ``conversations_long`` when ``need_long`` (and ``<image>`` in its answers),
+    duplicate ids, unreadable images.  Over-length samples (more than
+    ``max_length`` tokens, or responses over ``max_response_length``) are errors
+    unless ``on_overlength="skip"``, which drops them with one counted warning
+    naming them.  ``official_text`` builds the alignment texts as ExGra-Med's
+    code does (:func:`responses_text`).
     """
     if on_overlength not in ("error", "skip"):
         raise ValueError(f"on_overlength must be 'error' or 'skip', got {on_overlength!r}")
@@ -137,18 +177,19 @@ def load_records(path, image_folder, tokenizer, num_patches: int, max_length: in
         problems = [p if p is not None else unreadable[rec["image"]] for rec, p in zip(records, problems)]
     for n, (rec, problem) in enumerate(zip(records, problems)):
         rid = rec.get("id", f"<record #{n}>") if isinstance(rec, dict) else f"<record #{n}>"
-        if problem is None and rid in seen:
+        if problem is None and str(rid) in seen:  # 7 and "7" would be one id in the outputs
             problem = "duplicate id"
         if problem is not None:
             errors.append(f"{rid}: {problem}")
             continue
-        seen.add(rid)
-        turns = conversations_of(rec)
+        seen.add(str(rid))
+        turns = _text_turns(conversations_of(rec))
         ids, labels = tokenize_conversation(turns, tokenizer, num_patches)
         raw_ids = ext_ids = None
         if need_long:
-            raw_ids = tokenizer(responses_text(turns), add_special_tokens=False)["input_ids"]
-            ext_ids = tokenizer(responses_text(rec["conversations_long"]), add_special_tokens=False)["input_ids"]
+            raw_ids = tokenizer(responses_text(turns, official_text), add_special_tokens=False)["input_ids"]
+            ext_ids = tokenizer(responses_text(long_conversations_of(rec), official_text),
+                                add_special_tokens=False)["input_ids"]
         lengths = [len(ids)] + ([len(raw_ids), len(ext_ids)] if need_long else [])
         limits = [max_length] + ([max_response_length] * 2 if need_long else [])
         if any(a > b for a, b in zip(lengths, limits)):
@@ -176,25 +217,58 @@ def _image_problem(folder: Path, name: str) -> str | None:
     return None
 
 
+def _is_id(value) -> bool:
+    """A record id: a non-empty string or an integer (the released VQA files use integers)."""
+    return (isinstance(value, str) and value != "") or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_value(value) -> bool:
+    """A turn value: text, or a number (the released files hold answers such as 12)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
 def _check_record(rec, need_long: bool) -> str | None:
     if not isinstance(rec, dict):
         return "record is not a JSON object"
-    for key in ("id", "image"):
-        if not isinstance(rec.get(key), str) or not rec[key]:
-            return f"missing or empty field {key!r}"
-    keys = [("conversations", conversations_of(rec))]
-    if need_long:
-        keys.append(("conversations_long", rec.get("conversations_long")))
-    for name, turns in keys:
+    if not _is_id(rec.get("id")):
+        return "missing or empty field 'id' (a string or an integer)"
+    if not isinstance(rec.get("image"), str) or not rec["image"]:
+        return "missing or empty field 'image'"
+    for name in ("conversations", "conversations_long") if need_long else ("conversations",):
+        key, turns = _field(rec, name)
         if not isinstance(turns, list) or not turns:
             return f"missing or empty field {name!r}"
         for i, t in enumerate(turns):
-            if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
-                return f"{name}[{i}] must be {{'from': 'human'|'gpt', 'value': str}}"
+            if not isinstance(t, dict) or t.get("from") not in ROLES or not _is_value(t.get("value")):
+                return f"{key}[{i}] must be {{'from': 'human'|'gpt', 'value': str or number}}"
+            problem = _turn_problem(str(t["value"]), t["from"], i, main=name == "conversations")
+            if problem is not None:
+                return f"{key}[{i}] {problem}"
         if not any(t["from"] == "gpt" for t in turns):
-            return f"{name} has no 'gpt' turn"
-    if IMAGE_PLACEHOLDER not in conversations_of(rec)[0]["value"]:
-        return f"first turn lacks the {IMAGE_PLACEHOLDER} placeholder"
+            return f"{key} has no 'gpt' turn"
+    return None
+
+
+def _turn_problem(text: str, speaker: str, i: int, main: bool) -> str | None:
+    """What is wrong with turn ``i`` of the main (``main``) or the extended conversation.
+
+    The training sequence must hold exactly ``num_patches`` ``<im_patch>``
+    tokens: one ``<image>``, in the first turn; no image token typed as text.
+    """
+    for token in (IM_START, IM_PATCH, IM_END):
+        if token in text:
+            return f"contains the literal text {token!r} (reserved for the image tokens)"
+    if speaker == "gpt" and not text.strip():
+        return "is an empty answer"
+    n = text.count(IMAGE_PLACEHOLDER)
+    if speaker == "gpt" and n:
+        return f"is a gpt turn with {IMAGE_PLACEHOLDER}"
+    if main and i == 0 and n == 0:
+        return f"lacks the {IMAGE_PLACEHOLDER} placeholder (the first turn needs it)"
+    if main and i == 0 and n > 1:
+        return f"has {n} {IMAGE_PLACEHOLDER} placeholders (one image per record)"
+    if main and i > 0 and n:
+        return f"has an {IMAGE_PLACEHOLDER} placeholder outside the first turn"
     return None
 
 
