@@ -11,9 +11,10 @@ Backends:
 * ``local``: a transformers causal LM from a local directory (greedy).
 
 Every finished record is appended (and fsynced) to ``<output>.partial.jsonl``;
-a rerun skips the ids already there, so an interruption loses nothing.  The
-output JSON (input records plus ``conversations_long``) is written atomically
-once every record is done; records that still failed are listed by id.
+a rerun skips the ids already there, so an interruption loses nothing (a line
+torn by a kill is cut off first).  The output JSON (input records plus
+``conversations_long``) is written atomically once every record is done;
+records that still failed are listed by id.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from . import jsonl
 from .data import conversations_of
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,21 @@ def _extend_record(backend, rec: dict) -> list:
     return long_turns
 
 
+def _read_journal(partial: Path) -> dict:
+    """Finished records of an earlier run (``id -> conversations_long``); a torn last line is cut off first."""
+    done = {}
+    if not partial.exists():
+        return done
+    jsonl.repair_tail(partial)
+    for n, line in enumerate(partial.read_text().splitlines(), 1):
+        try:
+            item = json.loads(line)
+            done[item["id"]] = item["conversations_long"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            log.warning("%s line %d is not a finished record; ignored (its record is extended again)", partial, n)
+    return done
+
+
 def generate_extended(records_path, output_path, backend, concurrency: int = 8) -> dict:
     """Add ``conversations_long`` to every record; resumable, see the module docstring."""
     records = json.loads(Path(records_path).read_text())
@@ -156,14 +173,7 @@ def generate_extended(records_path, output_path, backend, concurrency: int = 8) 
         raise ValueError(f"{records_path}: records without an id or conversations: {bad[:10]}")
     output_path = Path(output_path)
     partial = output_path.with_name(output_path.name + ".partial.jsonl")
-    done = {}
-    if partial.exists():
-        for line in partial.read_text().splitlines():
-            try:
-                item = json.loads(line)
-                done[item["id"]] = item["conversations_long"]
-            except (json.JSONDecodeError, KeyError):
-                log.warning("ignoring a torn line in %s", partial)  # an interrupted write
+    done = _read_journal(partial)
     todo = [r for r in records if r["id"] not in done]
     log.info("%d records, %d already done, %d to extend", len(records), len(done), len(todo))
     failed, lock = {}, threading.Lock()
@@ -177,9 +187,7 @@ def generate_extended(records_path, output_path, backend, concurrency: int = 8) 
                 failed[rid] = f"{type(e).__name__}: {e}"
                 continue
             with lock:
-                sink.write(json.dumps({"id": rid, "conversations_long": long_turns}) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
+                jsonl.append(sink, {"id": rid, "conversations_long": long_turns})
             done[rid] = long_turns
     if failed:
         raise ExtendError(f"{len(failed)} record(s) failed (rerun to retry them; finished ones are kept in "

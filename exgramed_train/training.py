@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import jsonl
 from .data import ImageTextDataset, collate, load_records
 from .model import align_seconds
 
@@ -265,15 +266,14 @@ def _step_record(cfg, step, epoch, sched, acc, step_time, distributed, device) -
 
 def _append_jsonl(path: Path, rec: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        jsonl.append(f, rec)
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps ``<= step`` (all of them dropped for a fresh run)."""
     if not path.exists():
         return
+    jsonl.repair_tail(path)  # a kill while a line was written leaves it torn
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))

@@ -1,11 +1,25 @@
 """generate-extended against a real HTTP server on loopback, and the local transformers backend."""
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
+from exgramed_train import jsonl
 from exgramed_train.extended import ExtendError, LocalBackend, OpenAIBackend, generate_extended
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _reply(answer):
+    """The endpoint's extended answer."""
+    return f"In more detail: {answer} This keeps every term of the answer."
 
 
 class Endpoint:
@@ -40,8 +54,8 @@ class Endpoint:
                 elif action == "nochoices":
                     payload = json.dumps({"error": "oops"}).encode()
                 else:
-                    text = f"In more detail: {answer} This keeps every term of the answer."
-                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                    payload = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                                   "content": _reply(answer)}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -84,7 +98,7 @@ def test_http_retries_malformed_and_concurrency(tmp_path):
         long = o["conversations_long"]
         assert [t["from"] for t in long] == ["human", "gpt", "human", "gpt"]
         assert long[0] == r["conversations"][0]
-        assert long[1]["value"] == f"In more detail: {r['conversations'][1]['value']} This keeps every term of the answer."
+        assert long[1]["value"] == _reply(r["conversations"][1]["value"])
     # 12 answers + 2 HTTP retries + 1 garbage retry + 2 malformed re-asks
     assert len(ep.requests) == 17
     assert {q["path"] for q in ep.requests} == {"/v1/chat/completions"}
@@ -164,3 +178,65 @@ def test_cli_reads_endpoint_from_environment(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["generated"] == 3
     assert {q["model"] for q in ep.requests} == {"env-model"} and {q["auth"] for q in ep.requests} == {"Bearer sk-env"}
     assert len(json.loads((tmp_path / "o.json").read_text())) == 3
+
+
+def _journal_line(rec):
+    """The journal line generate-extended writes for ``rec`` against :class:`Endpoint`."""
+    long = [dict(t) if t["from"] == "human" else {"from": "gpt", "value": _reply(t["value"])}
+            for t in rec["conversations"]]
+    return json.dumps({"id": rec["id"], "conversations_long": long}) + "\n"
+
+
+def _limit_file_size(limit):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return preexec
+
+
+def test_a_kill_in_the_middle_of_a_journal_write_is_repaired(tmp_path):
+    src, recs = _records(tmp_path, n=5)
+    out = tmp_path / "out.json"
+    partial = tmp_path / "out.json.partial.jsonl"
+    lines = [_journal_line(r).encode() for r in recs]
+    # a file-size limit in the middle of the third record: the kernel writes up to the limit, and the
+    # write of the rest kills the process with SIGXFSZ -- a real kill while the line is being written
+    # (python ignores SIGXFSZ, so the child restores the default action first)
+    limit = len(lines[0]) + len(lines[1]) + len(lines[2]) // 2
+    child = ("import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+             "sys.argv[0] = 'exgramed_train'; runpy.run_module('exgramed_train', run_name='__main__')")
+    ep = Endpoint({})
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OPENAI_API_KEY="",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", child, "generate-extended", "--data", str(src),
+                               "--output", str(out), "--base-url", ep.url, "--model", "m", "--concurrency", "1"],
+                              env=env, capture_output=True, text=True, timeout=300,
+                              preexec_fn=_limit_file_size(limit))
+        assert proc.returncode == -signal.SIGXFSZ, proc.stderr[-2000:]
+        assert partial.read_bytes() == lines[0] + lines[1] + lines[2][:limit - len(lines[0]) - len(lines[1])]
+        assert not out.exists()
+        n_before = len(ep.requests)
+        res = generate_extended(src, out, OpenAIBackend(ep.url, "m", None, backoff=0.01), concurrency=1)
+    finally:
+        ep.close()
+    assert res["generated"] == 3
+    assert {q["answer"] for q in ep.requests[n_before:]} == {f"{a} {i}." for i in (2, 3, 4)
+                                                             for a in ("Answer", "Second answer")}
+    # the torn fragment was cut off: every line is one whole record, in order
+    assert partial.read_bytes() == b"".join(lines)
+    assert [r["conversations_long"] for r in json.loads(out.read_text())] == \
+        [json.loads(line)["conversations_long"] for line in lines]
+
+
+def test_repair_tail_completes_a_whole_last_record_and_cuts_a_torn_one(tmp_path):
+    p = tmp_path / "j.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b"}')  # the newline was not written
+    assert jsonl.repair_tail(p) == 0
+    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    p.write_text('{"id": "a"}\n{"id": "b", "x": [1, 2')
+    assert jsonl.repair_tail(p) == len('{"id": "b", "x": [1, 2')
+    assert p.read_text() == '{"id": "a"}\n'
+    p.write_bytes(b'{"id": "\xc3')  # a multi-byte character cut in half, on the only line
+    assert jsonl.repair_tail(p) == len(b'{"id": "\xc3') and p.read_bytes() == b""
+    assert jsonl.repair_tail(tmp_path / "missing.jsonl") == 0

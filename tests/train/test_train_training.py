@@ -115,3 +115,13 @@ def test_stage2_resume_reproduces_uninterrupted_losses(tmp_path, stage1_model, s
     log = _resume_matches(tmp_path, _s2(tmp_path, subset, n=12, epochs=2, grad_accum=1),
                           lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3), stop=3)
     assert len(log) == 4
+
+
+def test_resume_after_a_kill_tore_the_last_log_line(tmp_path, spec, subset):
+    factory = lambda: LlavaMed(spec)  # noqa: E731
+    cfg = _s1(tmp_path, subset, n=12, max_steps=1)
+    train(cfg, factory)
+    with open(Path(cfg.out, "log.jsonl"), "a") as f:
+        f.write('{"stage": "stage1", "step": 2, "epoch": 0, "lr": 0.00')  # step 2's line, cut by a kill
+    res = train(replace(cfg, resume=True, max_steps=None), factory)
+    assert [r["step"] for r in _log(res["log"])] == [1, 2, 3]
