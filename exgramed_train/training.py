@@ -11,8 +11,10 @@ Runs single-process or under ``torchrun`` (``gloo`` on CPU, ``nccl`` on GPU).
 Every optimiser step is one line of ``log.jsonl``.  Checkpoints
 (``checkpoint-<step>/``: trainable weights, optimiser, scheduler, every rank's
 RNG states and the data position) are written to a temporary directory and
-renamed, so a crash never leaves a half-written one; ``resume=True`` continues
-from the latest and reproduces the uninterrupted run's losses.
+renamed, so a crash never leaves a half-written one.  They hold only tensors
+and plain containers and are read with ``torch.load(weights_only=True)``, so a
+crafted checkpoint cannot run code.  ``resume=True`` continues from the latest
+and reproduces the uninterrupted run's losses.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import contextlib
 import functools
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -35,6 +38,10 @@ from .data import ImageTextDataset, collate, load_records
 from .model import align_seconds
 
 STAGE_DEFAULTS = {"stage1": {"lr": 2e-3, "epochs": 1}, "stage2": {"lr": 2e-5, "epochs": 3}}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or holds more than tensors and plain containers."""
 
 
 @dataclass
@@ -87,19 +94,38 @@ def _device(cfg, local_rank):
     return torch.device(cfg.device)
 
 
-def _rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states as tensors, ints, floats and tuples only."""
+    np_state = np.random.get_state(legacy=False)
+    s = {"python": random.getstate(),
+         "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                   "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                   "gauss": float(np_state["gauss"])},
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
-def _set_rng_state(s):
+def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
+                                                               "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_rng_state(path) -> None:
+    """Write this process's RNG states to ``path``."""
+    torch.save(_rng_state(), path)
+
+
+def load_rng_state(path) -> None:
+    """Restore the RNG states :func:`save_rng_state` wrote (read with ``weights_only=True``)."""
+    _set_rng_state(_load_tensors(path))
 
 
 def seed_all(seed: int) -> None:
@@ -305,7 +331,7 @@ def save_checkpoint(out: Path, step, model, opt, sched, rank, world) -> None:
         tmp.mkdir()
     if world > 1:
         dist.barrier()
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    save_rng_state(tmp / f"rng-rank{rank}.pt")
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -326,8 +352,23 @@ def save_checkpoint(out: Path, step, model, opt, sched, rank, world) -> None:
         dist.barrier()
 
 
+def _load_tensors(path: Path):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message names the offending global, then explains how to allow it: keep the first part
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
+        why = why.split(" Please use")[0]
+        raise CheckpointError(f"--resume: refusing to load {path}: it holds Python objects, not just tensors "
+                              f"and plain containers, so this driver did not write it (unpickling it could run "
+                              f"code). {why}") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"--resume: {path} is missing or unreadable ({e})") from None
+
+
 def _load_checkpoint(ckpt: Path, model, opt, sched, rank) -> int:
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    state = _load_tensors(ckpt / "state.pt")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if state["world"] != world:
         raise ValueError(f"checkpoint {ckpt} was written by {state['world']} process(es); resuming it with "
@@ -340,5 +381,5 @@ def _load_checkpoint(ckpt: Path, model, opt, sched, rank) -> int:
     sched.load_state_dict(state["scheduler"])
     if state.get("align_calls") is not None and model.align is not None:
         model.align.step = state["align_calls"]
-    _set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False))
+    load_rng_state(ckpt / f"rng-rank{rank}.pt")
     return int(state["step"])

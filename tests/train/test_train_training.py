@@ -117,6 +117,57 @@ def test_stage2_resume_reproduces_uninterrupted_losses(tmp_path, stage1_model, s
     assert len(log) == 4
 
 
+# ------------------------------------------------------------------ checkpoint files, --out, resume options
+
+def test_rng_states_round_trip_through_weights_only_files(tmp_path):
+    import random
+
+    import numpy as np
+    from exgramed_train.training import load_rng_state, save_rng_state
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(3).tolist(),
+                torch.rand(3).tolist())
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.randn(1)  # leave a cached second Gaussian in both generators
+    save_rng_state(tmp_path / "rng.pt")
+    first = draws()
+    load_rng_state(tmp_path / "rng.pt")
+    assert draws() == first
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)  # plain data only
+    assert set(state) >= {"python", "numpy", "torch"}
+
+
+class _RunsCode:
+    """Unpickling this object runs ``exec(code)`` (what a crafted checkpoint does)."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def test_resume_refuses_a_malicious_pickle(tmp_path, spec, subset):
+    from exgramed_train.training import CheckpointError
+    cfg = _s1(tmp_path, subset, n=8, max_steps=1)  # 2 steps; stops with a checkpoint after 1
+    factory = lambda: LlavaMed(spec)  # noqa: E731
+    train(cfg, factory)
+    ckpt = latest_checkpoint(cfg.out)
+    marker = tmp_path / "pwned"
+    for name in ("state.pt", "rng-rank0.pt"):
+        good = (ckpt / name).read_bytes()
+        torch.save({"model": _RunsCode(f"open({str(marker)!r}, 'w').close()")}, ckpt / name)
+        with pytest.raises(CheckpointError, match=rf"refusing to load .*{name}: it holds Python objects.*"
+                                                  r"Unsupported global: GLOBAL exec was not an allowed global") as e:
+            train(replace(cfg, resume=True, max_steps=None), factory)
+        assert "add_safe_globals" not in str(e.value)  # no advice on how to load it anyway
+        assert not marker.exists(), f"loading {name} ran the attacker's code"
+        (ckpt / name).write_bytes(good)
+    assert train(replace(cfg, resume=True, max_steps=None), factory)["steps"] == 2
+
+
 def test_resume_after_a_kill_tore_the_last_log_line(tmp_path, spec, subset):
     factory = lambda: LlavaMed(spec)  # noqa: E731
     cfg = _s1(tmp_path, subset, n=12, max_steps=1)
