@@ -25,7 +25,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (refused if an option differs from the "
+                        "checkpoint's in a way that changes the run; the error lists what may change)")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

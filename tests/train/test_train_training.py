@@ -168,6 +168,50 @@ def test_resume_refuses_a_malicious_pickle(tmp_path, spec, subset):
     assert train(replace(cfg, resume=True, max_steps=None), factory)["steps"] == 2
 
 
+def test_resume_refuses_changed_options_and_lists_them(tmp_path, stage1_model, subset):
+    cfg = _s2(tmp_path, subset, n=12, epochs=1, max_steps=1)
+    train(cfg, lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+    log_before = Path(cfg.out, "log.jsonl").read_bytes()
+    other = subset("stage2.json", tmp_path / "other.json", 13)
+    with pytest.raises(ValueError) as e:
+        train(replace(cfg, resume=True, micro_batch=4, data=other, lr=5e-4, max_steps=None),
+              lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=2))
+    msg = str(e.value)
+    assert msg.startswith("--resume: these options differ from those checkpoint ")
+    changed = [line.strip() for line in msg.splitlines() if line.startswith("  ")]
+    assert changed == ["--micro-batch: 6 in the checkpoint, 4 now",
+                       f"--data: the content of {Path(other).resolve()} differs from the data the checkpoint "
+                       f"trained on ({Path(cfg.data).resolve()}, SHA-256 " + changed[1].rsplit("SHA-256 ", 1)[1],
+                       "--align-k: 3 in the checkpoint, 2 now"]
+    assert "A resume may change only --lr, --epochs, --warmup-ratio, --max-steps, --save-every" in msg
+    assert Path(cfg.out, "log.jsonl").read_bytes() == log_before
+    # the same data under another path is the same data
+    moved = tmp_path / "moved.json"
+    moved.write_bytes(Path(cfg.data).read_bytes())
+    res = train(replace(cfg, resume=True, data=str(moved), max_steps=None),
+                lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+    assert res["steps"] == 2 and not res["interrupted"]
+
+
+def test_resume_applies_a_new_lr_and_more_epochs(tmp_path, spec, subset):
+    import math
+    factory = lambda: LlavaMed(spec)  # noqa: E731
+    cfg = _s1(tmp_path, subset, n=12, epochs=1, lr=1e-3, warmup_ratio=0.0, max_steps=2)  # 3 steps per epoch
+    train(cfg, factory)
+    res = train(replace(cfg, resume=True, max_steps=None, lr=4e-4, epochs=2), factory)
+    log = _log(res["log"])
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and res["total_steps"] == 6
+
+    def cosine(step, total):  # transformers' cosine schedule without warmup, as logged after `step` steps
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+
+    assert [r["lr"] for r in log[:2]] == pytest.approx([1e-3 * cosine(s, 3) for s in (1, 2)], rel=1e-12)
+    assert [r["lr"] for r in log[2:]] == pytest.approx([4e-4 * cosine(s, 6) for s in (3, 4, 5, 6)], rel=1e-12,
+                                                       abs=1e-20)
+    with pytest.raises(ValueError, match=r"--epochs 1: 3 steps in all, but the checkpoint .* is at step 6"):
+        train(replace(cfg, resume=True, max_steps=None, epochs=1), factory)
+
+
 def test_resume_after_a_kill_tore_the_last_log_line(tmp_path, spec, subset):
     factory = lambda: LlavaMed(spec)  # noqa: E731
     cfg = _s1(tmp_path, subset, n=12, max_steps=1)
