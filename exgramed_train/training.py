@@ -18,6 +18,10 @@ read with ``torch.load(weights_only=True)``, so a crafted checkpoint cannot run
 code.  ``resume=True`` continues from the latest checkpoint and reproduces the
 uninterrupted run's losses; it refuses options that differ from the
 checkpoint's except those in :data:`RESUME_MAY_CHANGE`.
+
+A fresh run refuses an ``out`` directory that is not empty unless
+``overwrite=True`` (which deletes the log, checkpoints and model a previous run
+left there) or ``resume=True``.
 """
 from __future__ import annotations
 
@@ -51,8 +55,9 @@ STAGE_DEFAULTS = {"stage1": {"lr": 2e-3, "epochs": 1}, "stage2": {"lr": 2e-5, "e
 # peak lr and total); the others change where and how often work happens, not what is computed.
 RESUME_MAY_CHANGE = ("lr", "epochs", "warmup_ratio", "max_steps", "save_every", "device", "num_workers",
                      "grad_checkpointing", "progress")
-_NOT_RECORDED = ("out", "resume")
+_NOT_RECORDED = ("out", "resume", "overwrite")
 _NO_FLAG = ("stage", "max_grad_norm")  # TrainConfig fields the command line does not set
+_RUN_FILES = ("log.jsonl", "log.tmp", "model", "model.tmp", "model.old")  # and checkpoint-*
 
 
 class CheckpointError(ValueError):
@@ -83,6 +88,7 @@ class TrainConfig:
     save_every: int = 0
     max_steps: int | None = None
     resume: bool = False
+    overwrite: bool = False
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
@@ -96,6 +102,8 @@ class TrainConfig:
         for k in ("micro_batch", "grad_accum", "epochs"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
 
 def _dist_info():
@@ -184,6 +192,11 @@ def train(cfg: TrainConfig, model_factory) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(cfg.out)
+    _check_out(out, cfg)
+    if distributed:  # every rank has looked at --out before rank 0 changes it
+        dist.barrier()
+    if cfg.overwrite and rank == 0:
+        _delete_run(out)
     out.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)  # identical initialisation on every rank
     model = model_factory()
@@ -348,6 +361,26 @@ def latest_checkpoint(out: Path) -> Path | None:
     return Path(out) / ptr.read_text().strip() if ptr.exists() else None
 
 
+def _check_out(out: Path, cfg: TrainConfig) -> None:
+    """A fresh run needs an empty (or new) ``--out``; see the module docstring."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not (cfg.resume or cfg.overwrite):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(f"--out {out} is not empty ({shown}): pass --resume to continue the run in it, or "
+                         f"--overwrite to delete its log, checkpoints and model and start over")
+
+
+def _delete_run(out: Path) -> None:
+    """Remove what a previous run wrote to ``out`` (other files stay)."""
+    for p in [out / name for name in _RUN_FILES] + sorted(out.glob("checkpoint-*")):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
 def _sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -407,7 +440,7 @@ def _check_resume(ckpt: Path, run: dict, world: int) -> dict:
                          + "\n  ".join(changes)
                          + f"\nA resume may change only {may} (a new --lr, --epochs or --warmup-ratio "
                            f"applies from the checkpoint's step on). To change the others, start a new run "
-                           f"(another --out).")
+                           f"(another --out, or --overwrite).")
     return meta
 
 

@@ -168,6 +168,29 @@ def test_resume_refuses_a_malicious_pickle(tmp_path, spec, subset):
     assert train(replace(cfg, resume=True, max_steps=None), factory)["steps"] == 2
 
 
+def test_fresh_run_refuses_a_non_empty_out_unless_overwrite(tmp_path, spec, subset):
+    factory = lambda: LlavaMed(spec)  # noqa: E731
+    cfg = _s1(tmp_path, subset, n=8)
+    first = train(cfg, factory)
+    out = Path(cfg.out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"--out .*run is not empty \(checkpoint-2, checkpoint-latest, log.jsonl, "
+                                         r"model\): pass --resume to continue the run in it, or --overwrite"):
+        train(cfg, factory)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    with pytest.raises(ValueError, match="--resume continues the run in --out and --overwrite deletes it"):
+        replace(cfg, resume=True, overwrite=True)
+    # --overwrite deletes the previous run's log, checkpoints and model before it starts; other files stay
+    (out / "notes.txt").write_text("mine")
+    again = train(replace(cfg, overwrite=True, max_steps=1), factory)
+    assert again["interrupted"] and [r["step"] for r in _log(again["log"])] == [1]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-latest", "log.jsonl", "notes.txt"]
+    assert not Path(first["model"]).exists()
+    # an existing empty directory is fine
+    (tmp_path / "empty").mkdir()
+    assert train(replace(cfg, out=str(tmp_path / "empty"), max_steps=1), factory)["steps"] == 1
+
+
 def test_resume_refuses_changed_options_and_lists_them(tmp_path, stage1_model, subset):
     cfg = _s2(tmp_path, subset, n=12, epochs=1, max_steps=1)
     train(cfg, lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
