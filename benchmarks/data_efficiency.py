@@ -198,7 +198,8 @@ def _stage1(args, seed: int, fraction: float) -> Path:
                      vision_backend=args.vision_backend, align_k=args.align_k)
     cfg = TrainConfig(stage="stage1", data=str(data), image_folder=args.image_folder, out=str(d),
                       lr=args.stage1_lr, epochs=args.stage1_epochs, micro_batch=args.micro_batch, seed=seed,
-                      max_length=args.max_length, warmup_ratio=0.1, progress=False, device=args.device)
+                      max_length=args.max_length, warmup_ratio=0.1, progress=False, device=args.device,
+                      overwrite=True)  # no model yet: an interrupted attempt, started over
     res = train(cfg, lambda: LlavaMed(spec))
     _clean_checkpoints(d)
     return Path(res["model"])
@@ -227,7 +228,8 @@ def run_cell(args, seed: int, fraction: float, arm: str) -> dict:
                                                      args.micro_batch))
     cfg = TrainConfig(stage="stage2", data=stage2_data, image_folder=args.image_folder, out=str(d / "stage2"),
                       lr=args.stage2_lr, epochs=args.stage2_epochs, micro_batch=args.micro_batch, seed=seed,
-                      max_length=args.max_length, warmup_ratio=0.1, progress=False, device=args.device)
+                      max_length=args.max_length, warmup_ratio=0.1, progress=False, device=args.device,
+                      overwrite=True)  # a cell without its result file is started over
     overrides = dict(alpha=cfg_arm["alpha"], align_k=args.align_k, aux_loss=cfg_arm["aux_loss"],
                      align_options={**args.align_options, **cfg_arm["options"]}
                      if cfg_arm["aux_loss"] == "alignment" else dict(cfg_arm["options"]))

@@ -27,7 +27,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (refused if an option differs from the "
+                        "checkpoint's in a way that changes the run; the error lists what may change)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty --out: delete the log, checkpoints and model a run left there")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -42,7 +46,8 @@ def _config(args, stage):
                        bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
                        tune_vision=getattr(args, "tune_vision", False), seed=args.seed,
                        save_every=args.save_every, max_steps=args.max_steps, resume=args.resume,
-                       device=args.device, num_workers=args.num_workers, progress=not args.no_progress)
+                       overwrite=args.overwrite, device=args.device, num_workers=args.num_workers,
+                       progress=not args.no_progress)
 
 
 # The training extras (requirements-train.txt, the package's "train" extra): import name -> distribution.

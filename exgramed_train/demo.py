@@ -6,7 +6,7 @@ stage-2 epochs than the paper's protocol (which assumes pretrained Vicuna/CLIP);
 everything else — data validation, the template, the image tokens, the
 alignment loss, checkpoints, evaluation metrics — is the real code path.
 Outputs: ``losses.png``, ``report.md``, ``metrics.json``, the answer JSONL and
-both stages' logs, checkpoints and models under ``out``.
+both stages' logs, checkpoints and models under ``out``; a rerun replaces them.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def run_demo(out="runs/demo", seed: int = 0, stage1_epochs: int | None = None, s
     paths = demo_models()
     timings = {}
     common = dict(image_folder=str(ASSETS / "images"), micro_batch=DEMO["micro_batch"], seed=seed,
-                  max_length=DEMO["max_length"], progress=progress, warmup_ratio=0.1)
+                  max_length=DEMO["max_length"], progress=progress, warmup_ratio=0.1,
+                  overwrite=True)  # the stage folders belong to the demo: a rerun replaces them
     spec = ModelSpec(llm=paths["llm"], vision=paths["vision"], tokenizer=paths["tokenizer"],
                      align_options=align_options or {})
     t = time.perf_counter()

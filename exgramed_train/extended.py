@@ -3,30 +3,35 @@
 Backends:
 
 * ``openai``: any OpenAI-compatible ``POST {base_url}/chat/completions``
-  endpoint.  Base URL, model and key come from the environment
-  (``OPENAI_BASE_URL``, ``EXGRAMED_EXTEND_MODEL``, ``OPENAI_API_KEY``) or the
-  command line.  Requests run concurrently; transport errors, HTTP 429 and 5xx
-  are retried with exponential backoff, malformed replies (no text, or a text
-  shorter than the original answer) a bounded number of times.
+  endpoint, through the ``openai`` package.  Base URL, model and key come from
+  the environment (``OPENAI_BASE_URL``, ``EXGRAMED_EXTEND_MODEL``,
+  ``OPENAI_API_KEY``) or the command line.  Requests run concurrently.  Each
+  request has a total deadline (``timeout``, from connecting to the last byte
+  of the reply; the client's own timeouts apply to each socket read, which a
+  server sending a byte now and then never trips).  Deadlines, transport
+  errors, HTTP 429 and 5xx are retried with exponential backoff, malformed
+  replies (no text, or a text shorter than the original answer) re-asked, both
+  a bounded number of times.
 * ``local``: a transformers causal LM from a local directory (greedy).
 
 Every finished record is appended (and fsynced) to ``<output>.partial.jsonl``;
-a rerun skips the ids already there, so an interruption loses nothing.  The
-output JSON (input records plus ``conversations_long``) is written atomically
-once every record is done; records that still failed are listed by id.
+a rerun skips the ids already there, so an interruption loses nothing (a line
+torn by a kill is cut off first).  The output JSON (input records plus
+``conversations_long``) is written atomically once every record is done;
+records that still failed are listed by id.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import os
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from . import jsonl
 from .data import conversations_of
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,14 @@ class Malformed(ValueError):
     """The endpoint replied, but not with a usable answer."""
 
 
+class DeadlineExceeded(TimeoutError):
+    """No complete reply within the request's total deadline."""
+
+
+class InputError(ValueError):
+    """The records file is unreadable, not JSON, or not a list of records with ids and conversations."""
+
+
 def _check_reply(text, original: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise Malformed("empty reply")
@@ -58,53 +71,89 @@ def _check_reply(text, original: str) -> str:
 
 
 class OpenAIBackend:
-    """Chat completions over HTTP with retries (transport) and re-asks (malformed replies)."""
+    """Chat completions through ``openai.AsyncOpenAI``, with a total deadline per request, retries and re-asks.
+
+    :meth:`extend` is called from worker threads; the requests run on one event loop in a thread of its
+    own, where ``asyncio.wait_for`` cancels a request at its deadline.  ``close()`` (or ``with``) stops it.
+    """
 
     def __init__(self, base_url: str, model: str, api_key: str | None, max_retries: int = 5,
                  max_malformed: int = 3, backoff: float = 1.0, timeout: float = 60.0, temperature: float = 0.2):
         if not base_url or not model:
             raise ValueError("the openai backend needs a base URL (--base-url or OPENAI_BASE_URL) and a model "
                              "(--model or EXGRAMED_EXTEND_MODEL)")
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"--timeout must be a finite number of seconds > 0, got {timeout!r}")
+        if not (isinstance(backoff, (int, float)) and math.isfinite(backoff) and backoff >= 0):
+            raise ValueError(f"--backoff must be a finite number of seconds >= 0, got {backoff!r}")
+        for name, value in (("--max-retries", max_retries), ("--max-malformed", max_malformed)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        import openai
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.key = model, api_key
+        self.model = model
         self.max_retries, self.max_malformed, self.backoff = max_retries, max_malformed, backoff
-        self.timeout, self.temperature = timeout, temperature
+        self.timeout, self.temperature = float(timeout), temperature
+        # the retries are ours (each attempt gets its own deadline); "EMPTY" is the placeholder key that
+        # OpenAI-compatible servers without authentication (vLLM, llama.cpp) expect
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=self.timeout,
+                                          max_retries=0)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-backend", daemon=True)
+        self._thread.start()
 
-    def _post(self, payload: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers)
+    def extend(self, question: str, answer: str) -> str:
+        return asyncio.run_coroutine_threadsafe(self._extend(question, answer), self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    async def _extend(self, question: str, answer: str) -> str:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": USER_PROMPT.format(question=question, answer=answer)}]
+        for attempt in range(self.max_malformed + 1):
+            reply = await self._complete(messages)
+            try:
+                return _check_reply(reply.choices[0].message.content, answer)
+            except (AttributeError, IndexError, TypeError, Malformed) as e:
+                if attempt == self.max_malformed:
+                    raise Malformed(f"malformed reply after {attempt + 1} tries: {e}") from e
+                log.warning("malformed reply (%s); asking again", e)
+        raise AssertionError("unreachable")
+
+    async def _complete(self, messages):
+        import openai
         for attempt in range(self.max_retries + 1):
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read().decode())
-            except urllib.error.HTTPError as e:
-                retryable = e.code == 429 or e.code >= 500
-                if not retryable or attempt == self.max_retries:
+                return await asyncio.wait_for(self._client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=self.temperature), self.timeout)
+            except asyncio.TimeoutError:
+                if attempt == self.max_retries:
+                    raise DeadlineExceeded(f"no complete reply from {self.url} within {self.timeout:g} s "
+                                           f"(--timeout), {attempt + 1} attempt(s)") from None
+                err = f"no complete reply within {self.timeout:g} s"
+            except openai.APIStatusError as e:
+                if not (e.status_code == 429 or e.status_code >= 500) or attempt == self.max_retries:
                     raise
-                err = f"HTTP {e.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+                err = f"HTTP {e.status_code}"
+            except (openai.APIConnectionError, json.JSONDecodeError) as e:  # no connection; a non-JSON body
                 if attempt == self.max_retries:
                     raise
                 err = f"{type(e).__name__}: {e}"
             delay = self.backoff * 2 ** attempt
             log.warning("request failed (%s); retry %d/%d in %.2fs", err, attempt + 1, self.max_retries, delay)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def extend(self, question: str, answer: str) -> str:
-        payload = {"model": self.model, "temperature": self.temperature,
-                   "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                {"role": "user", "content": USER_PROMPT.format(question=question, answer=answer)}]}
-        for attempt in range(self.max_malformed + 1):
-            reply = self._post(payload)
-            try:
-                return _check_reply(reply["choices"][0]["message"]["content"], answer)
-            except (KeyError, IndexError, TypeError, Malformed) as e:
-                if attempt == self.max_malformed:
-                    raise Malformed(f"malformed reply after {attempt + 1} tries: {e}") from e
-                log.warning("malformed reply (%s); asking again", e)
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
 
@@ -147,23 +196,49 @@ def _extend_record(backend, rec: dict) -> list:
     return long_turns
 
 
-def generate_extended(records_path, output_path, backend, concurrency: int = 8) -> dict:
-    """Add ``conversations_long`` to every record; resumable, see the module docstring."""
-    records = json.loads(Path(records_path).read_text())
+def read_records(path) -> list:
+    """The records of a LLaVA-Med JSON file; :class:`InputError` names the file and what is wrong."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot be read ({e})") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); expected a JSON list "
+                         f"of LLaVA-Med records") from None
+    if not isinstance(records, list):
+        kind = {dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}.get(type(records),
+                                                                                            "a number")
+        raise InputError(f"{path}: expected a JSON list of LLaVA-Med records, got {kind}")
     bad = [r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}" for i, r in enumerate(records)
            if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not conversations_of(r)]
     if bad:
-        raise ValueError(f"{records_path}: records without an id or conversations: {bad[:10]}")
+        raise InputError(f"{path}: records without an id or conversations: {bad[:10]}")
+    return records
+
+
+def _read_journal(partial: Path) -> dict:
+    """Finished records of an earlier run (``id -> conversations_long``); a torn last line is cut off first."""
+    done = {}
+    if not partial.exists():
+        return done
+    jsonl.repair_tail(partial)
+    for n, line in enumerate(partial.read_text().splitlines(), 1):
+        try:
+            item = json.loads(line)
+            done[item["id"]] = item["conversations_long"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            log.warning("%s line %d is not a finished record; ignored (its record is extended again)", partial, n)
+    return done
+
+
+def generate_extended(records_path, output_path, backend, concurrency: int = 8) -> dict:
+    """Add ``conversations_long`` to every record; resumable, see the module docstring."""
+    records = read_records(records_path)
     output_path = Path(output_path)
     partial = output_path.with_name(output_path.name + ".partial.jsonl")
-    done = {}
-    if partial.exists():
-        for line in partial.read_text().splitlines():
-            try:
-                item = json.loads(line)
-                done[item["id"]] = item["conversations_long"]
-            except (json.JSONDecodeError, KeyError):
-                log.warning("ignoring a torn line in %s", partial)  # an interrupted write
+    done = _read_journal(partial)
     todo = [r for r in records if r["id"] not in done]
     log.info("%d records, %d already done, %d to extend", len(records), len(done), len(todo))
     failed, lock = {}, threading.Lock()
@@ -177,9 +252,7 @@ def generate_extended(records_path, output_path, backend, concurrency: int = 8) 
                 failed[rid] = f"{type(e).__name__}: {e}"
                 continue
             with lock:
-                sink.write(json.dumps({"id": rid, "conversations_long": long_turns}) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
+                jsonl.append(sink, {"id": rid, "conversations_long": long_turns})
             done[rid] = long_turns
     if failed:
         raise ExtendError(f"{len(failed)} record(s) failed (rerun to retry them; finished ones are kept in "
@@ -199,6 +272,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=os.environ.get("EXGRAMED_EXTEND_MODEL"),
                    help="endpoint model name, or the local model directory")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one request may take, from connecting to the last byte of the reply (then it "
+                        "is cancelled and retried)")
     p.add_argument("--max-retries", type=int, default=5)
     p.add_argument("--max-malformed", type=int, default=3)
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles)")
@@ -206,13 +282,29 @@ def add_arguments(p) -> None:
 
 
 def run_from_args(args) -> dict:
+    """The ``generate-extended`` command; bad input and failed records end it with a message, no traceback."""
+    try:
+        read_records(args.data)  # before a backend (maybe a local model) is loaded
+    except InputError as e:
+        raise SystemExit(f"generate-extended: --data {e}") from None
     if args.backend == "openai":
-        backend = OpenAIBackend(args.base_url, args.model, os.environ.get("OPENAI_API_KEY"), args.max_retries,
-                                args.max_malformed, args.backoff)
+        try:
+            backend = OpenAIBackend(args.base_url, args.model, os.environ.get("OPENAI_API_KEY"), args.max_retries,
+                                    args.max_malformed, args.backoff, args.timeout)
+        except ValueError as e:
+            raise SystemExit(f"generate-extended: {e}") from None
     else:
         if not args.model:
-            raise SystemExit("--model must name the local model directory for --backend local")
+            raise SystemExit("generate-extended: --model must name the local model directory for --backend local")
         backend = LocalBackend(args.model, args.max_new_tokens)
-    result = generate_extended(args.data, args.output, backend, args.concurrency)
+    try:
+        result = generate_extended(args.data, args.output, backend, args.concurrency)
+    except InputError as e:
+        raise SystemExit(f"generate-extended: --data {e}") from None
+    except ExtendError as e:
+        raise SystemExit(f"generate-extended: {e}") from None
+    finally:
+        if isinstance(backend, OpenAIBackend):
+            backend.close()
     print(json.dumps(result))
     return result

@@ -9,31 +9,59 @@
 
 Runs single-process or under ``torchrun`` (``gloo`` on CPU, ``nccl`` on GPU).
 Every optimiser step is one line of ``log.jsonl``.  Checkpoints
-(``checkpoint-<step>/``: trainable weights, optimiser, scheduler, every rank's
-RNG states and the data position) are written to a temporary directory and
-renamed, so a crash never leaves a half-written one; ``resume=True`` continues
-from the latest and reproduces the uninterrupted run's losses.
+(``checkpoint-<step>/``) are written to a temporary directory and renamed, so a
+crash never leaves a half-written one: ``run.json`` (step, world size, the
+run's options, the data file's SHA-256 and the model spec), ``state.pt``
+(trainable weights, optimiser, scheduler) and ``rng-rank<r>.pt`` (every rank's
+RNG states).  The ``.pt`` files hold only tensors and plain containers and are
+read with ``torch.load(weights_only=True)``, so a crafted checkpoint cannot run
+code.  ``resume=True`` continues from the latest checkpoint and reproduces the
+uninterrupted run's losses; it refuses options that differ from the
+checkpoint's except those in :data:`RESUME_MAY_CHANGE`.
+
+A fresh run refuses an ``out`` directory that is not empty unless
+``overwrite=True`` (which deletes the log, checkpoints and model a previous run
+left there) or ``resume=True``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import jsonl
 from .data import ImageTextDataset, collate, load_records
 from .model import align_seconds
 
+log = logging.getLogger(__name__)
+
 STAGE_DEFAULTS = {"stage1": {"lr": 2e-3, "epochs": 1}, "stage2": {"lr": 2e-5, "epochs": 3}}
+
+# Options a resumed run may change; every other option must equal the checkpoint's.  lr, epochs and
+# warmup_ratio take effect from the checkpoint's step on (the cosine schedule is recomputed with the new
+# peak lr and total); the others change where and how often work happens, not what is computed.
+RESUME_MAY_CHANGE = ("lr", "epochs", "warmup_ratio", "max_steps", "save_every", "device", "num_workers",
+                     "grad_checkpointing", "progress")
+_NOT_RECORDED = ("out", "resume", "overwrite")
+_NO_FLAG = ("stage", "max_grad_norm")  # TrainConfig fields the command line does not set
+_RUN_FILES = ("log.jsonl", "log.tmp", "model", "model.tmp", "model.old")  # and checkpoint-*
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or holds more than tensors and plain containers."""
 
 
 @dataclass
@@ -60,6 +88,7 @@ class TrainConfig:
     save_every: int = 0
     max_steps: int | None = None
     resume: bool = False
+    overwrite: bool = False
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
@@ -73,6 +102,8 @@ class TrainConfig:
         for k in ("micro_batch", "grad_accum", "epochs"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
 
 def _dist_info():
@@ -86,19 +117,38 @@ def _device(cfg, local_rank):
     return torch.device(cfg.device)
 
 
-def _rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states as tensors, ints, floats and tuples only."""
+    np_state = np.random.get_state(legacy=False)
+    s = {"python": random.getstate(),
+         "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                   "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                   "gauss": float(np_state["gauss"])},
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
-def _set_rng_state(s):
+def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
+                                                               "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_rng_state(path) -> None:
+    """Write this process's RNG states to ``path``."""
+    torch.save(_rng_state(), path)
+
+
+def load_rng_state(path) -> None:
+    """Restore the RNG states :func:`save_rng_state` wrote (read with ``weights_only=True``)."""
+    _set_rng_state(_load_tensors(path))
 
 
 def seed_all(seed: int) -> None:
@@ -142,9 +192,20 @@ def train(cfg: TrainConfig, model_factory) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(cfg.out)
+    _check_out(out, cfg)
+    if distributed:  # every rank has looked at --out before rank 0 changes it
+        dist.barrier()
+    if cfg.overwrite and rank == 0:
+        _delete_run(out)
     out.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)  # identical initialisation on every rank
     model = model_factory()
+    run = _run_record(cfg, model)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        meta = _check_resume(ckpt, run, world)
+    elif cfg.resume:
+        log.info("--resume: no checkpoint in %s yet; starting at step 0", out)
     align = cfg.stage == "stage2"
     if align and cfg.micro_batch <= model.spec.align_k:
         raise ValueError(f"micro_batch ({cfg.micro_batch}) must exceed the alignment's k "
@@ -177,8 +238,13 @@ def train(cfg: TrainConfig, model_factory) -> dict:
         model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     step = 0
     seed_all(cfg.seed + 1 + rank)
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        step = _load_checkpoint(ckpt, model, opt, sched, rank)
+    if ckpt is not None:
+        step = meta["step"]
+        if step > total:
+            raise ValueError(f"--epochs {cfg.epochs}: {total} steps in all, but the checkpoint {ckpt} is at "
+                             f"step {step}")
+        _load_checkpoint(ckpt, meta, model, opt, sched, rank)
+        _continue_schedule(opt, sched, cfg.lr)
     log_path = out / "log.jsonl"
     if rank == 0:
         _truncate_log(log_path, step)
@@ -232,7 +298,7 @@ def train(cfg: TrainConfig, model_factory) -> dict:
                                 align_share=f"{rec['align_share']:.0%}")
             interrupted = cfg.max_steps is not None and cfg.max_steps <= step < total
             if interrupted or step == total or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(out, step, model, opt, sched, rank, world)
+                save_checkpoint(out, step, model, opt, sched, rank, world, run)
             if interrupted:
                 break
     bar.close()
@@ -265,15 +331,14 @@ def _step_record(cfg, step, epoch, sched, acc, step_time, distributed, device) -
 
 def _append_jsonl(path: Path, rec: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        jsonl.append(f, rec)
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps ``<= step`` (all of them dropped for a fresh run)."""
     if not path.exists():
         return
+    jsonl.repair_tail(path)  # a kill while a line was written leaves it torn
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
@@ -296,7 +361,90 @@ def latest_checkpoint(out: Path) -> Path | None:
     return Path(out) / ptr.read_text().strip() if ptr.exists() else None
 
 
-def save_checkpoint(out: Path, step, model, opt, sched, rank, world) -> None:
+def _check_out(out: Path, cfg: TrainConfig) -> None:
+    """A fresh run needs an empty (or new) ``--out``; see the module docstring."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not (cfg.resume or cfg.overwrite):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(f"--out {out} is not empty ({shown}): pass --resume to continue the run in it, or "
+                         f"--overwrite to delete its log, checkpoints and model and start over")
+
+
+def _delete_run(out: Path) -> None:
+    """Remove what a previous run wrote to ``out`` (other files stay)."""
+    for p in [out / name for name in _RUN_FILES] + sorted(out.glob("checkpoint-*")):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run_record(cfg: TrainConfig, model) -> dict:
+    """What a resume must agree with: the options, the data file's content and the model spec (JSON values)."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED}
+    config["data"] = str(Path(cfg.data).resolve())
+    config["image_folder"] = str(Path(cfg.image_folder).resolve())
+    spec = asdict(model.spec)
+    for k in ("llm", "vision", "tokenizer"):
+        if spec.get(k):
+            spec[k] = str(Path(spec[k]).resolve())
+    return json.loads(json.dumps({"config": config, "data_sha256": _sha256(cfg.data), "model": spec}))
+
+
+def _flag(key: str, stage: str) -> str:
+    if key in _NO_FLAG:
+        return key
+    if key == "align_options":
+        return "--align-option"
+    if stage == "stage2" and key in ("llm", "vision", "tokenizer", "vision_backend", "vision_model_name",
+                                     "projector", "select_layer"):
+        return f"--init-from ({key})"  # stage 2 takes these from the stage-1 model directory
+    return "--" + key.replace("_", "-")
+
+
+def _check_resume(ckpt: Path, run: dict, world: int) -> dict:
+    """Read ``ckpt/run.json`` and refuse a resume whose options would change the run; returns the record."""
+    path = ckpt / "run.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"--resume: {ckpt} has no run.json (an incomplete checkpoint, or one written by "
+                              f"an older version of this driver); it cannot be resumed") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--resume: {path} is unreadable ({e})") from None
+    if meta["world"] != world:
+        raise ValueError(f"--resume: checkpoint {ckpt} was written by {meta['world']} process(es); resuming it "
+                         f"with {world} would change the data order (run with the same number of processes)")
+    stage, old, new = run["config"]["stage"], meta["config"], run["config"]
+    changes = [f"{_flag(k, stage)}: {old[k]!r} in the checkpoint, {new.get(k)!r} now"
+               for k in old if k not in RESUME_MAY_CHANGE and k != "data" and new.get(k) != old[k]]
+    if meta["data_sha256"] != run["data_sha256"]:
+        changes.append(f"--data: the content of {new['data']} differs from the data the checkpoint trained on "
+                       f"({old['data']}, SHA-256 {meta['data_sha256'][:12]}...)")
+    changes += [f"{_flag(k, stage)}: {v!r} in the checkpoint, {run['model'].get(k)!r} now"
+                for k, v in meta["model"].items() if run["model"].get(k) != v]
+    if changes:
+        may = ", ".join("--no-progress" if k == "progress" else "--" + k.replace("_", "-")
+                        for k in RESUME_MAY_CHANGE)
+        raise ValueError(f"--resume: these options differ from those checkpoint {ckpt} was trained with:\n  "
+                         + "\n  ".join(changes)
+                         + f"\nA resume may change only {may} (a new --lr, --epochs or --warmup-ratio "
+                           f"applies from the checkpoint's step on). To change the others, start a new run "
+                           f"(another --out, or --overwrite).")
+    return meta
+
+
+def save_checkpoint(out: Path, step, model, opt, sched, rank, world, run: dict) -> None:
     """Write ``checkpoint-<step>/`` atomically and point ``checkpoint-latest`` at it."""
     final = out / f"checkpoint-{step}"
     tmp = out / f"checkpoint-{step}.tmp"
@@ -305,15 +453,16 @@ def save_checkpoint(out: Path, step, model, opt, sched, rank, world) -> None:
         tmp.mkdir()
     if world > 1:
         dist.barrier()
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    save_rng_state(tmp / f"rng-rank{rank}.pt")
     if world > 1:
         dist.barrier()
     if rank == 0:
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save({"step": step, "model": trainable, "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "world": world,
-                    # the alignment module's call counter drives its noise schedule (a plain int attribute)
-                    "align_calls": getattr(model.align, "step", None)}, tmp / "state.pt")
+        torch.save({"model": trainable, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                   tmp / "state.pt")
+        # the alignment module's call counter drives its noise schedule (a plain int attribute)
+        meta = {"step": step, "world": world, "align_calls": getattr(model.align, "step", None), **run}
+        (tmp / "run.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
         ptr = out / "checkpoint-latest.tmp"
@@ -326,19 +475,41 @@ def save_checkpoint(out: Path, step, model, opt, sched, rank, world) -> None:
         dist.barrier()
 
 
-def _load_checkpoint(ckpt: Path, model, opt, sched, rank) -> int:
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if state["world"] != world:
-        raise ValueError(f"checkpoint {ckpt} was written by {state['world']} process(es); resuming it with "
-                         f"{world} would change the data order (run with the same number of processes)")
+def _load_tensors(path: Path):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message names the offending global, then explains how to allow it: keep the first part
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
+        why = why.split(" Please use")[0]
+        raise CheckpointError(f"--resume: refusing to load {path}: it holds Python objects, not just tensors "
+                              f"and plain containers, so this driver did not write it (unpickling it could run "
+                              f"code). {why}") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"--resume: {path} is missing or unreadable ({e})") from None
+
+
+def _load_checkpoint(ckpt: Path, meta: dict, model, opt, sched, rank) -> None:
+    state = _load_tensors(ckpt / "state.pt")
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["model"]]
     if missing:
         raise ValueError(f"checkpoint {ckpt} lacks trainable parameters {missing[:5]} (different stage/options?)")
     model.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    if state.get("align_calls") is not None and model.align is not None:
-        model.align.step = state["align_calls"]
-    _set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False))
-    return int(state["step"])
+    if meta.get("align_calls") is not None and model.align is not None:
+        model.align.step = meta["align_calls"]
+    load_rng_state(ckpt / f"rng-rank{rank}.pt")
+
+
+def _continue_schedule(opt, sched, lr: float) -> None:
+    """Set the lr of the loaded step from this run's peak ``lr`` and schedule.
+
+    The loaded scheduler state holds the step and the checkpoint's peak lr; the lr function was built
+    for this run's total and warmup.  With unchanged options this reproduces the saved lr exactly.
+    """
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for g, fn in zip(opt.param_groups, sched.lr_lambdas):
+        g["initial_lr"] = lr
+        g["lr"] = lr * fn(sched.last_epoch)

@@ -115,3 +115,131 @@ def test_stage2_resume_reproduces_uninterrupted_losses(tmp_path, stage1_model, s
     log = _resume_matches(tmp_path, _s2(tmp_path, subset, n=12, epochs=2, grad_accum=1),
                           lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3), stop=3)
     assert len(log) == 4
+
+
+# ------------------------------------------------------------------ checkpoint files, --out, resume options
+
+def test_rng_states_round_trip_through_weights_only_files(tmp_path):
+    import random
+
+    import numpy as np
+    from exgramed_train.training import load_rng_state, save_rng_state
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(3).tolist(),
+                torch.rand(3).tolist())
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.randn(1)  # leave a cached second Gaussian in both generators
+    save_rng_state(tmp_path / "rng.pt")
+    first = draws()
+    load_rng_state(tmp_path / "rng.pt")
+    assert draws() == first
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)  # plain data only
+    assert set(state) >= {"python", "numpy", "torch"}
+
+
+class _RunsCode:
+    """Unpickling this object runs ``exec(code)`` (what a crafted checkpoint does)."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def test_resume_refuses_a_malicious_pickle(tmp_path, spec, subset):
+    from exgramed_train.training import CheckpointError
+    cfg = _s1(tmp_path, subset, n=8, max_steps=1)  # 2 steps; stops with a checkpoint after 1
+    factory = lambda: LlavaMed(spec)  # noqa: E731
+    train(cfg, factory)
+    ckpt = latest_checkpoint(cfg.out)
+    marker = tmp_path / "pwned"
+    for name in ("state.pt", "rng-rank0.pt"):
+        good = (ckpt / name).read_bytes()
+        torch.save({"model": _RunsCode(f"open({str(marker)!r}, 'w').close()")}, ckpt / name)
+        with pytest.raises(CheckpointError, match=rf"refusing to load .*{name}: it holds Python objects.*"
+                                                  r"Unsupported global: GLOBAL exec was not an allowed global") as e:
+            train(replace(cfg, resume=True, max_steps=None), factory)
+        assert "add_safe_globals" not in str(e.value)  # no advice on how to load it anyway
+        assert not marker.exists(), f"loading {name} ran the attacker's code"
+        (ckpt / name).write_bytes(good)
+    assert train(replace(cfg, resume=True, max_steps=None), factory)["steps"] == 2
+
+
+def test_fresh_run_refuses_a_non_empty_out_unless_overwrite(tmp_path, spec, subset):
+    factory = lambda: LlavaMed(spec)  # noqa: E731
+    cfg = _s1(tmp_path, subset, n=8)
+    first = train(cfg, factory)
+    out = Path(cfg.out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"--out .*run is not empty \(checkpoint-2, checkpoint-latest, log.jsonl, "
+                                         r"model\): pass --resume to continue the run in it, or --overwrite"):
+        train(cfg, factory)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    with pytest.raises(ValueError, match="--resume continues the run in --out and --overwrite deletes it"):
+        replace(cfg, resume=True, overwrite=True)
+    # --overwrite deletes the previous run's log, checkpoints and model before it starts; other files stay
+    (out / "notes.txt").write_text("mine")
+    again = train(replace(cfg, overwrite=True, max_steps=1), factory)
+    assert again["interrupted"] and [r["step"] for r in _log(again["log"])] == [1]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-latest", "log.jsonl", "notes.txt"]
+    assert not Path(first["model"]).exists()
+    # an existing empty directory is fine
+    (tmp_path / "empty").mkdir()
+    assert train(replace(cfg, out=str(tmp_path / "empty"), max_steps=1), factory)["steps"] == 1
+
+
+def test_resume_refuses_changed_options_and_lists_them(tmp_path, stage1_model, subset):
+    cfg = _s2(tmp_path, subset, n=12, epochs=1, max_steps=1)
+    train(cfg, lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+    log_before = Path(cfg.out, "log.jsonl").read_bytes()
+    other = subset("stage2.json", tmp_path / "other.json", 13)
+    with pytest.raises(ValueError) as e:
+        train(replace(cfg, resume=True, micro_batch=4, data=other, lr=5e-4, max_steps=None),
+              lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=2))
+    msg = str(e.value)
+    assert msg.startswith("--resume: these options differ from those checkpoint ")
+    changed = [line.strip() for line in msg.splitlines() if line.startswith("  ")]
+    assert changed == ["--micro-batch: 6 in the checkpoint, 4 now",
+                       f"--data: the content of {Path(other).resolve()} differs from the data the checkpoint "
+                       f"trained on ({Path(cfg.data).resolve()}, SHA-256 " + changed[1].rsplit("SHA-256 ", 1)[1],
+                       "--align-k: 3 in the checkpoint, 2 now"]
+    assert "A resume may change only --lr, --epochs, --warmup-ratio, --max-steps, --save-every" in msg
+    assert Path(cfg.out, "log.jsonl").read_bytes() == log_before
+    # the same data under another path is the same data
+    moved = tmp_path / "moved.json"
+    moved.write_bytes(Path(cfg.data).read_bytes())
+    res = train(replace(cfg, resume=True, data=str(moved), max_steps=None),
+                lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
+    assert res["steps"] == 2 and not res["interrupted"]
+
+
+def test_resume_applies_a_new_lr_and_more_epochs(tmp_path, spec, subset):
+    import math
+    factory = lambda: LlavaMed(spec)  # noqa: E731
+    cfg = _s1(tmp_path, subset, n=12, epochs=1, lr=1e-3, warmup_ratio=0.0, max_steps=2)  # 3 steps per epoch
+    train(cfg, factory)
+    res = train(replace(cfg, resume=True, max_steps=None, lr=4e-4, epochs=2), factory)
+    log = _log(res["log"])
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and res["total_steps"] == 6
+
+    def cosine(step, total):  # transformers' cosine schedule without warmup, as logged after `step` steps
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+
+    assert [r["lr"] for r in log[:2]] == pytest.approx([1e-3 * cosine(s, 3) for s in (1, 2)], rel=1e-12)
+    assert [r["lr"] for r in log[2:]] == pytest.approx([4e-4 * cosine(s, 6) for s in (3, 4, 5, 6)], rel=1e-12,
+                                                       abs=1e-20)
+    with pytest.raises(ValueError, match=r"--epochs 1: 3 steps in all, but the checkpoint .* is at step 6"):
+        train(replace(cfg, resume=True, max_steps=None, epochs=1), factory)
+
+
+def test_resume_after_a_kill_tore_the_last_log_line(tmp_path, spec, subset):
+    factory = lambda: LlavaMed(spec)  # noqa: E731
+    cfg = _s1(tmp_path, subset, n=12, max_steps=1)
+    train(cfg, factory)
+    with open(Path(cfg.out, "log.jsonl"), "a") as f:
+        f.write('{"stage": "stage1", "step": 2, "epoch": 0, "lr": 0.00')  # step 2's line, cut by a kill
+    res = train(replace(cfg, resume=True, max_steps=None), factory)
+    assert [r["step"] for r in _log(res["log"])] == [1, 2, 3]
