@@ -224,7 +224,8 @@ def train(cfg: TrainConfig, model_factory) -> dict:
     frozen_rows = emb[:n_base].detach().clone() if cfg.stage == "stage1" and n_base else None
     samples = load_records(cfg.data, cfg.image_folder, model.tokenizer, model.num_patches, cfg.max_length,
                            need_long=align, max_response_length=cfg.max_response_length,
-                           on_overlength=cfg.on_overlength)
+                           on_overlength=cfg.on_overlength,
+                           official_text=bool(model.spec.align_options.get("official", False)))
     dataset = ImageTextDataset(samples, cfg.image_folder, model.vision.preprocess)
     steps_per_epoch = len(epoch_batches(len(dataset), 0, cfg, rank, world)) // cfg.grad_accum
     if steps_per_epoch == 0:

@@ -79,6 +79,25 @@ def test_stage2_adds_alignment_loss_and_trains_lm(tmp_path, stage1_model, subset
     assert (Path(res["model"]) / "alignment.pt").exists()
 
 
+@pytest.mark.parametrize("official", [False, True])
+def test_stage2_builds_the_official_alignment_text_in_official_mode(tmp_path, stage1_model, subset, monkeypatch,
+                                                                    official):
+    """--align-option official=true also joins the alignment texts as ExGra-Med's code does."""
+    import exgramed_train.training as training
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after loading")
+
+    monkeypatch.setattr(training, "load_records", spy)
+    with pytest.raises(RuntimeError, match="stop after loading"):
+        train(_s2(tmp_path, subset), lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3,
+                                                           align_options={"official": True} if official else {}))
+    assert seen["official_text"] is official
+
+
 def test_stage2_rejects_batch_not_larger_than_k(tmp_path, stage1_model, subset):
     with pytest.raises(ValueError, match=r"micro_batch \(3\) must exceed the alignment's k \(3\)"):
         train(_s2(tmp_path, subset, micro_batch=3), lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3))
