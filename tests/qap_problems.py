@@ -1,7 +1,18 @@
-"""Random graph-matching problems and the objective by its definition, for the qap_* tests."""
+"""Graph-matching problems for the qap_* and edge_pair_indicator tests: random ones, the objective by its
+definition, and a tiny hand-built one."""
 import itertools
 
 import torch
+
+# N = 3, k = 1. Graph 1 is the cycle 0 -> 1 -> 2 -> 0, graph 2 the reverse cycle 0 -> 2 -> 1 -> 0.
+NBR1 = torch.tensor([[[1], [2], [0]]])
+NBR2 = torch.tensor([[[2], [0], [1]]])
+I3 = torch.eye(3, dtype=torch.float64)[None]
+# sigma = (0 -> 0, 1 -> 2, 2 -> 1) maps every edge of graph 1 onto an edge of graph 2:
+# (0,1) -> (0,2) = f0, (1,2) -> (2,1) = f2, (2,0) -> (1,0) = f1.
+SIGMA = torch.tensor([[[1.0, 0, 0], [0, 0, 1], [0, 1, 0]]], dtype=torch.float64)
+P_SIGMA = torch.zeros(1, 3, 3, dtype=torch.float64)
+P_SIGMA[0, 0, 0] = P_SIGMA[0, 1, 2] = P_SIGMA[0, 2, 1] = 1.0
 
 
 def rand_nbr(G, N, k, gen, self_loops=False):

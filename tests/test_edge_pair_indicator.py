@@ -8,18 +8,9 @@ import torch
 import exgramed_kernels  # noqa: F401
 from exgramed_kernels import edge_pair_indicator as edge_pair_indicator_dense
 from exgramed_kernels.reference import edge_pair_indicator as edge_pair_indicator_ref
+from qap_problems import I3, NBR1, NBR2, P_SIGMA, SIGMA
 
 indicator_module = importlib.import_module("exgramed_kernels.edge_pair_indicator")
-
-# N = 3, k = 1. Graph 1 is the cycle 0 -> 1 -> 2 -> 0, graph 2 the reverse cycle 0 -> 2 -> 1 -> 0.
-NBR1 = torch.tensor([[[1], [2], [0]]])
-NBR2 = torch.tensor([[[2], [0], [1]]])
-I3 = torch.eye(3, dtype=torch.float64)[None]
-# sigma = (0 -> 0, 1 -> 2, 2 -> 1) maps every edge of graph 1 onto an edge of graph 2:
-# (0,1) -> (0,2) = f0, (1,2) -> (2,1) = f2, (2,0) -> (1,0) = f1.
-SIGMA = torch.tensor([[[1.0, 0, 0], [0, 0, 1], [0, 1, 0]]], dtype=torch.float64)
-P_SIGMA = torch.zeros(1, 3, 3, dtype=torch.float64)
-P_SIGMA[0, 0, 0] = P_SIGMA[0, 1, 2] = P_SIGMA[0, 2, 1] = 1.0
 
 
 def test_edge_pair_indicator_by_hand():
