@@ -271,8 +271,9 @@ def machine(device: str) -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "cuda": torch.version.cuda if device == "cuda" else None}
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    if device == "cuda":
+        versions["cuda"] = torch.version.cuda
     for name in ("numpy", "scipy", "torch_geometric", "faiss", "lap", "pygmtools", "torch_linear_assignment",
                  "triton", "matplotlib"):
         try:

@@ -93,7 +93,9 @@ def op_section(op: str, res: dict, out_dir: str) -> list[str]:
     skip_keys = {"op", "device", "x", "mode", "provider", "run_on", "graph", "median", "q20", "q80", "n", "quality",
                  "skipped", "error"}
     for mode in meta["modes"]:
-        rows = [r for r in recs if r["mode"] == mode]
+        rows = [r for r in recs if r["mode"] == mode and "skipped" not in r]
+        if not rows:
+            continue
         xs = sorted({r["x"] for r in rows})
         info = [k for k in (rows[0] if rows else {}) if k not in skip_keys]
         header = [meta["x"]] + info + [label[n] for n in names]
@@ -104,12 +106,17 @@ def op_section(op: str, res: dict, out_dir: str) -> list[str]:
             table.append([str(x)] + [str(first.get(k, "-")) for k in info] +
                          [cell(by.get(n), by.get(vs[n])) for n in names])
         L += [f"{mode}:", ""] + markdown_table(header, table) + [""]
-    notes = sorted({f"{r['provider']}: {r['skipped']}" for r in recs if "skipped" in r} |
-                   {f"{r['provider']} failed at {meta['x']} = {r['x']} ({r['mode']}): {r['error'][:200]}"
-                    for r in recs if "error" in r} |
-                   {f"{p['name']}: {p['unavailable']}" for p in meta["providers"] if p["unavailable"]})
+    why: dict[str, set] = {}
+    for reason, name in [(r["skipped"], r["provider"]) for r in recs if "skipped" in r] + \
+            [(p["unavailable"], p["name"]) for p in meta["providers"] if p["unavailable"]]:
+        why.setdefault(reason, set()).add(name)
+    notes = [f"{', '.join(sorted(ps))}: {reason}" for reason, ps in sorted(why.items())]
+    notes += sorted({f"{r['provider']} failed at {meta['x']} = {r['x']} ({r['mode']}): {r['error'][:200]}"
+                     for r in recs if "error" in r})
     if notes:
         L += ["Not run everywhere: " + "; ".join(notes) + ".", ""]
+    if not any("median" in r for r in recs):
+        return L
     png = f"{op}_{res['device']}.png"
     plot(recs, meta, names, os.path.join(out_dir, "results", png), f"{op} ({dev})")
     return L + [f"![{op}](results/{png})", ""]
@@ -139,7 +146,8 @@ def plot(recs: list[dict], meta: dict, names: list[str], path: str, title: str) 
         ax.set_ylabel("median time per call (s)")
         ax.set_title(f"{title}: {mode}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path + ".tmp.png", dpi=80)
