@@ -247,7 +247,12 @@ def run_bench(bench: Bench, scale: str, device: str, log=print, deadline: float 
                 ", ".join(f"{n} {fmt_time(st['median'])}" for n, st in stats.items()))
         if case.objectives is not None:
             ran = {r["provider"] for r in records if r.get("x") == x and "median" in r}
-            q = quality(case.objectives(ran), vs)
+            try:
+                q = quality(case.objectives(ran), vs)
+            except Exception as e:  # noqa: BLE001 - recorded like a provider's failure
+                q = {}
+                records.append(dict(base, mode=bench.modes[0], provider="quality", error=f"{type(e).__name__}: {e}"))
+                log(traceback.format_exc())
             for r in records:
                 if r.get("x") == x and r["mode"] == bench.modes[0] and r["provider"] in q and "median" in r:
                     r["quality"] = q[r["provider"]]

@@ -36,6 +36,8 @@ def run(scale: str, device: str, ops: list[str], memory: bool, budget: float | N
     t0 = time.perf_counter()
     flags = {"full": "", "quick": " --quick", "tiny": " --tiny"}[scale] + (" --device cuda" if device == "cuda" else "")
     flags += f" --threads {torch.get_num_threads()}" if device == "cpu" and torch.get_num_threads() != 1 else ""
+    flags += (f" --ops {','.join(ops)}" if ops != OPS else "") + (f" --budget {budget:g}" if budget else "")
+    flags += "" if memory else " --no-memory"
     res = dict(command="python -m benchmarks.report" + flags, scale=scale, device=device,
                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                machine=machine(device), benches={}, records=[], seconds={})
