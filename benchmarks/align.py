@@ -182,13 +182,13 @@ def setup(B, scale, device):
 
         fns["official-equivalent"] = official
 
-    def objectives(names):  # our forward problems, solved by ours and by the official-equivalent's solver
+    def objectives(outputs):  # our forward problems, solved by ours and by the official-equivalent's solver
         U, Q, nbr1, nbr2 = forward_problems(m, x.detach(), torch.randint(0, 2**62, (2 * K,), device=device))
         c = m.config
         Z, _ = ek.qap_solve(U, nbr1, nbr2, Q, method=c.solver, max_iter=c.max_iter, tol=c.tol, restarts=c.restarts,
                             partial=c.partial)
         out = {"ours": ek.qap_objective(Z.double(), U.double(), nbr1, nbr2, Q.double())}
-        if "official-equivalent" in names:
+        if "official-equivalent" in outputs:
             out["official-equivalent"] = peer_objectives(U, Q, nbr1, nbr2, c.partial)
         return out
 

@@ -72,13 +72,14 @@ class Provider:
 class Case:
     """One size of a bench: ``fns[provider]()`` runs the provider's forward once (returning a tensor that
     requires grad when the bench has gradient modes); ``skip[provider]`` says why one is not run at this
-    size; ``info`` holds the size's parameters; ``objectives(names)`` (solvers) returns the objective per
-    instance ``[n]`` of each solver among the providers ``names`` that ran, all on the same instances."""
+    size; ``info`` holds the size's parameters; ``objectives(outputs)`` (solvers) returns the objective per
+    instance ``[n]`` of each solver among the providers that ran, all on the same instances, from
+    ``outputs``: each provider's last forward output in the timing."""
 
     fns: dict[str, Callable]
     info: dict = field(default_factory=dict)
     skip: dict[str, str] = field(default_factory=dict)
-    objectives: Callable[[set], dict[str, torch.Tensor]] | None = None
+    objectives: Callable[[dict], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -212,6 +213,7 @@ def run_bench(bench: Bench, scale: str, device: str, log=print, deadline: float 
         torch.manual_seed(x)
         case = bench.setup(x, scale, device)
         base.update(case.info)
+        outputs = {}
         for mode in bench.modes:
             fns = {}
             for name, dev in where.items():
@@ -222,6 +224,8 @@ def run_bench(bench: Bench, scale: str, device: str, log=print, deadline: float 
                     continue
                 try:
                     fn, graphed = _in_mode(case.fns[name], mode), False
+                    if mode == "forward" and case.objectives is not None:  # keep the output for the quality
+                        fn = (lambda f, n: lambda: outputs.__setitem__(n, f()))(fn, name)
                     if mode == "forward" and bench.graph and dev == "cuda":
                         try:
                             fn, graphed = _cuda_graph(fn), True
@@ -246,9 +250,8 @@ def run_bench(bench: Bench, scale: str, device: str, log=print, deadline: float 
             log(f"{bench.op} {mode} {bench.x}={x}: " +
                 ", ".join(f"{n} {fmt_time(st['median'])}" for n, st in stats.items()))
         if case.objectives is not None:
-            ran = {r["provider"] for r in records if r.get("x") == x and "median" in r}
             try:
-                q = quality(case.objectives(ran), vs)
+                q = quality(case.objectives(outputs), vs)
             except Exception as e:  # noqa: BLE001 - recorded like a provider's failure
                 q = {}
                 records.append(dict(base, mode=bench.modes[0], provider="quality", error=f"{type(e).__name__}: {e}"))
