@@ -7,8 +7,8 @@ matching accuracy: for every pair of modalities, the fraction of samples that th
 one-to-one matching of the projections' cosine similarities maps to themselves (chance 1/B);
 top-1 retrieval (nearest neighbour instead of a matching) is recorded too.
 
-Used by tests/test_align.py (the learning test) and benchmarks/compare_align.py (the noise
-scale / lambda table).
+Used by tests/test_align_learning.py (the learning test) and experiments/noise_lambda.py (the
+noise scale / lambda table).
 """
 from __future__ import annotations
 

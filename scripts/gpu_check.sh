@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The GPU check (one H200, torch 2.11 + CUDA 13.0, Python 3.12, triton 3.6, no network), in one go,
 # under 8 minutes: build the extension for sm_90, run the CUDA and Triton tests against the
-# reference, then time every op and align (bf16, fp32) against the peers and the GEMM/bandwidth
-# floors. Everything lands in $OUT (default /tmp/gpu_check):
-#   gpu_check.log     this script's whole output (build tail, test summary, timing lines)
-#   build.log         the full compiler output
-#   pytest.log        the full test output (junit-less: -rfE lists failures and errors)
-#   gpu_timing.json   the figures (copy to benchmarks/results/ and run `python -m benchmarks.report --render`)
-#   gpu_timing.md     the same as a markdown table
-# The short table is printed last. Without a GPU (or with GPU_CHECK_DRY=1) the same steps run as a
-# dry run: the real build, the same test selection (Triton through its interpreter), and the timing
-# code on the CPU at tiny sizes.
+# reference, then time every op through the benchmark harness (`python -m benchmarks.report
+# --device cuda`: ours on CUDA and Triton against the peers and the floors, the alignment's overhead in
+# bf16 first; sizes past the time budget are skipped and listed). Everything lands in $OUT (default
+# /tmp/gpu_check):
+#   gpu_check.log       this script's whole output (build tail, test summary, timing lines)
+#   build.log           the full compiler output
+#   pytest.log          the full test output (junit-less: -rfE lists failures and errors)
+#   results/cuda.json   the figures (copy to benchmarks/results/ and run `python -m benchmarks.report --render`)
+#   RESULTS.md          the report of that run alone
+# Without a GPU (or with GPU_CHECK_DRY=1) the same steps run as a dry run: the real build, the same
+# test selection (Triton through its interpreter), and the harness on the CPU at tiny sizes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -56,10 +57,11 @@ echo "tests rc=$test_rc in $(( SECONDS - t0 )) s: $test_summary"
 
 echo "== timing"
 budget=$(( $(left) - 60 )); (( budget < 20 )) && budget=20
+ops=overhead,align,linear_assignment,knn_graph,graph_conv,qap_solve,pair_scores,global_align
 if [[ $dry == 1 ]]; then
-  timeout $(( budget + 120 )) $PY -m benchmarks.gpu_timing --out "$OUT" --device cpu --tiny --budget "$budget"
+  TRITON_INTERPRET=1 timeout $(( budget + 120 )) $PY -m benchmarks.report --tiny --ops "$ops" --out "$OUT" --budget "$budget"
 else
-  timeout $(( budget + 50 )) $PY -m benchmarks.gpu_timing --out "$OUT" --budget "$budget"
+  timeout $(( budget + 50 )) $PY -m benchmarks.report --device cuda --ops "$ops" --out "$OUT" --budget "$budget"
 fi
 timing_rc=$?
 echo
