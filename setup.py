@@ -101,7 +101,8 @@ setup(
         ],
     },
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    # The torch versions CI tests: the oldest on the op tests (scripts/test_oldest_torch.sh), the newest on all.
+    install_requires=["torch>=2.11,<2.15", "numpy"],
     extras_require={"triton": ["triton"], "train": _requirements("requirements-train.txt")},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

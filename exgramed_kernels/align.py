@@ -124,21 +124,37 @@ def _take(t: torch.Tensor, idx) -> torch.Tensor:
     return t[idx]
 
 
+def _take_by_product(t: torch.Tensor, idx) -> torch.Tensor:
+    """``t[idx]`` along dim 0 as the product of a one-hot ``[len(idx), G]`` selector with ``t``: exact for
+    finite ``t`` (one term per output is non-zero), and its backward is the transposed product, a GEMM
+    that takes a gradient of any layout, where ``index_select``'s is an ``index_add``."""
+    rows = torch.arange(t.shape[0], device=t.device)
+    sel = torch.stack([rows == v for v in idx]).to(t.dtype)
+    return torch.mm(sel, t.flatten(1)).view(len(idx), *t.shape[1:])
+
+
 def _cross_cosines(hn: torch.Tensor, src, dst) -> torch.Tensor:
     """``hn[src[p]] hn[dst[p]]^T`` for every problem p: ``[G, N, h] -> [P, N, N]``.
 
     One GEMM per unordered pair of graphs: a problem and its reverse (both directions in either mode)
     and the S noise samples of a problem share it, transposed or repeated -- half the GEMMs (and of
     their backward) of one per problem.
+
+    The right operand is gathered by :func:`_take_by_product`, whose backward is a GEMM: the gradient
+    of a gathered-then-transposed operand is a transposed tensor, and ``index_select``'s backward
+    (an ``index_add`` of it) is what Inductor's C++ backend of torch 2.11 to 2.13 compiles wrongly
+    on two or more threads (pytorch/pytorch#191837: a tiled transposed load feeding a vectorised
+    atomic add that applies the inner loop offset twice, writing past the gradient buffer -- heap
+    corruption, an abort, and wrong gradients).
     """
     if not all(type(v) is int for v in (*src, *dst)):  # symbolic K (dynamic shapes): one GEMM per problem
-        return torch.bmm(_take(hn, src), _take(hn, dst).transpose(1, 2))
+        return torch.bmm(_take(hn, src), _take_by_product(hn, dst).transpose(1, 2))
     first = {}
     for a, b in zip(src, dst):
         if (a, b) not in first and (b, a) not in first:
             first[(a, b)] = len(first)
     keys = list(first)
-    base = torch.bmm(_take(hn, [a for a, _ in keys]), _take(hn, [b for _, b in keys]).transpose(1, 2))
+    base = torch.bmm(_take(hn, [a for a, _ in keys]), _take_by_product(hn, [b for _, b in keys]).transpose(1, 2))
     if len(keys) == len(src):
         return base
     return torch.stack([base[first[(a, b)]] if (a, b) in first else base[first[(b, a)]].transpose(0, 1)

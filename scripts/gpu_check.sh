@@ -6,6 +6,8 @@
 # bf16 first; sizes past the time budget are skipped and listed). Everything lands in $OUT (default
 # /tmp/gpu_check):
 #   gpu_check.log       this script's whole output (build tail, test summary, timing lines)
+#   versions.txt        python, the torch the extension is built against (whatever $PYTHON imports) and
+#                       its path, CUDA, triton, nvcc
 #   build.log           the full compiler output
 #   pytest.log          the full test output (junit-less: -rfE lists failures and errors)
 #   results/cuda.json   the figures (copy to benchmarks/results/ and run `python -m benchmarks.report --render`)
@@ -27,8 +29,12 @@ dry=0
 if [[ "$gpu" != 1 || "${GPU_CHECK_DRY:-0}" == 1 ]]; then dry=1; fi
 echo "== gpu_check $(date -u +%FT%TZ) dry_run=$dry OUT=$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-$PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-$PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not importable"
+{
+  $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "import os, torch; print('torch at', os.path.dirname(torch.__file__))"
+  $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not importable"
+  echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo 'not found')"
+} | tee "$OUT/versions.txt"
 
 echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 t0=$SECONDS

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: install, build (CUDA kernels compiled and
 # linked when nvcc is present), C++ tests through ctest, then pytest (Triton kernels run
-# under TRITON_INTERPRET=1 when there is no GPU).
+# under TRITON_INTERPRET=1 when there is no GPU) -- all on the newest supported torch
+# (requirements-dev.txt). Then the op tests on the oldest supported torch, in a venv of their
+# own (scripts/test_oldest_torch.sh; TEST_OLDEST_TORCH=0 skips it). Arguments go to the first
+# pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MAX_JOBS="${MAX_JOBS:-2}"
@@ -18,3 +21,10 @@ cmake --build build/cmake -j "$MAX_JOBS"
 ctest --test-dir build/cmake --output-on-failure
 
 python -m pytest tests -q -p no:cacheprovider "$@"
+echo "== newest torch ($(python -c 'import torch; print(torch.__version__)')): $SECONDS s"
+
+if [[ "${TEST_OLDEST_TORCH:-1}" != 0 ]]; then
+  t0=$SECONDS
+  bash scripts/test_oldest_torch.sh
+  echo "== oldest torch: $((SECONDS - t0)) s"
+fi

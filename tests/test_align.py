@@ -5,9 +5,9 @@ import torch
 
 import exgramed_kernels as ek
 from exgramed_kernels import reference as R
-from exgramed_kernels.testing import rel_err
-from exgramed_kernels.align import problem_graphs
+from exgramed_kernels.align import _cross_cosines, problem_graphs
 from exgramed_kernels.module import sample_gumbel
+from exgramed_kernels.testing import rel_err
 
 K, B, D, H, KNN = 3, 6, 7, 5, 2
 # Few starts keep the (pure-Python) reference solver fast; both sides use the same starts.
@@ -193,13 +193,19 @@ def test_upstream_and_mixed_precision():
     assert m.w_root1.grad is not None
 
 
-def test_compile_fullgraph_matches_eager():
-    m = _module()
+# Inductor's C++ code on two threads: its parallel (atomic-add) scatter kernels, whatever this machine's
+# core count.
+TWO_INDUCTOR_THREADS = {"cpp.threads": 2}
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(official=True, mode="pairwise")], ids=["defaults", "official-pairwise"])
+def test_compile_fullgraph_matches_eager(opts):
+    m = _module(**opts)
     x = make_inputs()[0]
     cm = torch.compile(m, fullgraph=True)
     res = []
     # Inductor's own RNG differs from eager's; fallback_random draws the same noise as eager.
-    with torch._inductor.config.patch(fallback_random=True):
+    with torch._inductor.config.patch(fallback_random=True, **TWO_INDUCTOR_THREADS):
         for fn in (m, cm):
             torch.manual_seed(3)
             xx = x.clone().requires_grad_()
@@ -208,6 +214,26 @@ def test_compile_fullgraph_matches_eager():
             res.append((out.loss.detach(), out.Z, xx.grad.clone()))
     for a, b in zip(*res):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["barycenter", "pairwise"])
+def test_cross_cosines_compiled_backward_matches_eager(mode):
+    # The gradient of the gathered graph features, compiled by Inductor on two threads: a gather whose
+    # backward scatters a transposed gradient is compiled into out-of-bounds writes by torch 2.11-2.13.
+    src, dst = problem_graphs(K, mode)
+    G = K + 1 if mode == "barycenter" else K
+    g = torch.Generator().manual_seed(5)
+    hn = torch.randn(G, B, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(len(src), B, B, generator=g, dtype=torch.float64)
+
+    def grad_of(fn):
+        h = hn.clone().requires_grad_()
+        (fn(h, src, dst) * weight).sum().backward()
+        return h.grad
+
+    with torch._inductor.config.patch(TWO_INDUCTOR_THREADS):
+        compiled = grad_of(torch.compile(_cross_cosines, fullgraph=True))
+    assert torch.allclose(compiled, grad_of(_cross_cosines), rtol=1e-12, atol=1e-14)
 
 
 def test_opcheck_align():

@@ -77,6 +77,18 @@ def test_exact_ties_broken_by_lower_index(device, metric):
     assert nbr[0, 18, :2].tolist() == [0, 9]
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_reference_coinciding_points_are_equidistant(metric):
+    # The oracle of the tie rule: the distances to copies of a point are bit-identical.
+    torch.manual_seed(3)
+    pts = torch.randn(2, 9, 5, dtype=torch.float64)
+    dist = reference.pairwise_distance(torch.cat([pts, pts, pts], dim=1), metric)
+    assert torch.equal(dist[..., :9], dist[..., 9:18]) and torch.equal(dist[..., :9], dist[..., 18:])
+    cos = torch.nn.functional.cosine_similarity(pts.unsqueeze(2), pts.unsqueeze(1), dim=-1)
+    expected = torch.cdist(pts, pts).square() if metric == "l2" else 1 - cos
+    assert torch.allclose(dist[:, :9, :9], expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_equal_points(device):
     x = torch.ones(2, 6, 3, device=device)
