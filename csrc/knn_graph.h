@@ -12,7 +12,8 @@
 // keeping the C = min(N-1, k + kKnnSlack) smallest (self excluded), then settle the order
 // in fp64 from the scaled input in fp64 (exact: a power-of-two multiple of the input): the CPU kernel
 // re-ranks only the runs of candidates whose Gram distances lie within the GEMM rounding bound
-// (d+4) eps (|x_i|^2 + |x_j|^2) of each other, the CUDA kernel re-ranks all C. Ties are broken by the
+// (d+4) eps (|x_i|^2 + |x_j|^2), plus the underflow of rows far smaller than their graph's largest, of
+// each other, the CUDA kernel re-ranks all C. Ties are broken by the
 // lower index. The result is the exact fp64 kNN unless more than kKnnSlack points lie within that
 // rounding bound of the k-th distance; then a neighbour may be swapped for an equally distant (to GEMM
 // precision) one.
