@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 
 namespace exgramed {
 
@@ -64,6 +66,25 @@ inline bool all_finite(const at::Tensor& t) {
 
 inline void check_finite(const at::Tensor& t, const char* name) {
   TORCH_CHECK(all_finite(t), name, " contains NaN or Inf");
+}
+
+// The NaN/Inf check of several tensors of op `op` ("<op>: <name> contains NaN or Inf" for the first
+// offender; undefined tensors are skipped): on CUDA one device->host sync for all of them together.
+inline void check_finite(const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> named) {
+  at::Tensor device_ok;  // all-finite flag of the tensors not on the CPU
+  for (const auto& [name, t] : named) {
+    if (!t.defined() || t.numel() == 0) continue;
+    if (t.device().is_cpu()) {
+      TORCH_CHECK(all_finite(t), op, ": ", name, " contains NaN or Inf");
+    } else {
+      const at::Tensor ok = at::isfinite(t).all();
+      device_ok = device_ok.defined() ? device_ok.logical_and(ok) : ok;
+    }
+  }
+  if (!device_ok.defined() || device_ok.item<bool>()) return;
+  for (const auto& [name, t] : named) {
+    if (t.defined() && !t.device().is_cpu()) TORCH_CHECK(all_finite(t), op, ": ", name, " contains NaN or Inf");
+  }
 }
 
 }  // namespace exgramed

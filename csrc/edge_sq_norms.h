@@ -10,7 +10,9 @@
 
 namespace exgramed {
 
-inline void check_edge_sq_norms_args(const at::Tensor& h, const at::Tensor& nbr, const char* op) {
+// check_values=false skips the NaN/Inf check of h (the backward's: the forward checked it).
+inline void check_edge_sq_norms_args(const at::Tensor& h, const at::Tensor& nbr, const char* op,
+                                     bool check_values = true) {
   TORCH_CHECK(h.dim() == 3, op, ": h must have shape [G, N, h], got ", h.sizes());
   check_float(h, (std::string(op) + ": h").c_str());
   TORCH_CHECK(nbr.scalar_type() == at::kLong && nbr.dim() == 3 && nbr.size(0) == h.size(0) && nbr.size(1) == h.size(1),
@@ -21,10 +23,11 @@ inline void check_edge_sq_norms_args(const at::Tensor& h, const at::Tensor& nbr,
     TORCH_CHECK(nbr.min().item<int64_t>() >= 0 && nbr.max().item<int64_t>() < h.size(1), op,
                 ": nbr entries must lie in [0, ", h.size(1), ")");
   }
+  if (check_values) check_finite(op, {{"h", h}});
 }
 
 inline void check_edge_sq_norms_backward_args(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
-  check_edge_sq_norms_args(h, nbr, "edge_sq_norms_backward");
+  check_edge_sq_norms_args(h, nbr, "edge_sq_norms_backward", /*check_values=*/false);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == h.size(0) && grad.size(1) == h.size(1) * nbr.size(2),
               "edge_sq_norms_backward: grad must have shape [G, N*k] = [", h.size(0), ", ", h.size(1) * nbr.size(2),
               "], got ", grad.sizes());

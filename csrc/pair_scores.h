@@ -79,11 +79,13 @@ struct PairScoresArgs {
   at::Tensor seeds;  // noise_seed as a contiguous int64 [P] tensor on C's device
 };
 
-// Checks; returns the sizes. noise_seed: int64 [P] on C's device, one key per problem.
+// Checks; returns the sizes. noise_seed: int64 [P] on C's device, one key per problem. check_values=false
+// skips the NaN/Inf checks of C, w1, w2 and noise (the backward's: the forward checked them).
 inline PairScoresArgs check_pair_scores_args(const at::Tensor& C, const at::Tensor& w1, const at::Tensor& w2,
                                              const at::Tensor& nbr1, const at::Tensor& nbr2,
                                              const c10::optional<at::Tensor>& noise,
-                                             const c10::optional<at::Tensor>& noise_seed, const char* op) {
+                                             const c10::optional<at::Tensor>& noise_seed, const char* op,
+                                             bool check_values = true) {
   PairScoresArgs a;
   TORCH_CHECK(C.dim() == 3 && C.size(1) == C.size(2), op, ": C must have shape [P, N, N], got ", C.sizes());
   check_float(C, (std::string(op) + ": C").c_str());
@@ -128,14 +130,22 @@ inline PairScoresArgs check_pair_scores_args(const at::Tensor& C, const at::Tens
     a.seeds = s.contiguous();
   }
   TORCH_CHECK(a.Nk < (int64_t(1) << 31), op, ": N*k must be < 2^31, got ", a.Nk);
+  if (check_values) {
+    check_finite(op, {{"C", C}, {"w1", w1}, {"w2", w2}, {"noise", noise.has_value() ? *noise : at::Tensor()}});
+  }
   return a;
+}
+
+// half and bfloat16 are computed in float32 (like every kernel) and returned in their own dtype.
+inline at::ScalarType pair_scores_compute_dtype(const at::Tensor& C) {
+  return C.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline PairScoresArgs check_pair_scores_backward_args(const at::Tensor& grad, const at::Tensor& C, const at::Tensor& w1,
                                                       const at::Tensor& w2, const at::Tensor& nbr1,
                                                       const at::Tensor& nbr2) {
-  const PairScoresArgs a =
-      check_pair_scores_args(C, w1, w2, nbr1, nbr2, c10::nullopt, c10::nullopt, "pair_scores_backward");
+  const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, c10::nullopt, c10::nullopt,
+                                                  "pair_scores_backward", /*check_values=*/false);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == a.P && grad.size(1) == a.Nk && grad.size(2) == a.Nk,
               "pair_scores_backward: grad must have shape [P, N*k, N*k] = [", a.P, ", ", a.Nk, ", ", a.Nk, "], got ",
               grad.sizes());
@@ -163,7 +173,8 @@ inline double pair_scores_grad_entry(const scalar_t* C, int64_t N, int64_t i, in
 
 // The backward on any device with ATen ops (the CUDA kernel uses it; the CPU has a fused one):
 // inner = M1 C M2^T through gathers, grad_C = M1^T (alpha grad w1 w2) M2 through batched GEMMs
-// with the signed incidence matrices (deterministic, no atomics).
+// with the signed incidence matrices (deterministic, no atomics). In C's dtype: the caller passes
+// half and bfloat16 in float32.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_aten(
     const at::Tensor& grad, const at::Tensor& C, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& nbr1,
     const at::Tensor& nbr2, double alpha) {

@@ -12,6 +12,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/macros/Macros.h>
 
+#include <cmath>
+#include <limits>
 #include <string_view>
 
 #include "checks.h"
@@ -21,6 +23,7 @@ namespace exgramed {
 constexpr int64_t kSinkhornInner = 20;       // Sinkhorn sweeps per temperature
 constexpr double kSinkhornTRatio = 1e-3;     // final / initial annealing temperature
 constexpr int64_t kPolishMaxPasses = 100;    // 2-opt sweeps at most
+constexpr int64_t kMaxRestarts = 1 << 16;    // starts per problem at most (each holds O(N) to O(N^2) state)
 
 inline int64_t default_restarts(int64_t N) {
   if (N <= 8) return 32;
@@ -124,8 +127,19 @@ inline QapMethod check_qap_args(const at::Tensor& U, const at::Tensor& nbr1, con
     }
     TORCH_CHECK(H1->size(2) == H2->size(2), "qap_solve: H1 and H2 must have the same feature size h, got ",
                 H1->sizes(), " and ", H2->sizes());
-    check_finite(*H1, "qap_solve: H1");
-    check_finite(*H2, "qap_solve: H2");
+    // The implicit Q squares the features' norms (the cross Gram, the squared edge lengths) in float32, or
+    // float64 when either H is: every entry finite and below sqrt(max) / (2 sqrt(h)) keeps those finite.
+    const bool dbl = H1->scalar_type() == at::kDouble || H2->scalar_type() == at::kDouble;
+    const double limit = std::sqrt(dbl ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max()) /
+                         (2.0 * std::sqrt(static_cast<double>(std::max<int64_t>(1, H1->size(2)))));
+    for (const auto& [h, name] : {std::pair<const at::Tensor&, const char*>(*H1, "H1"), {*H2, "H2"}}) {
+      if (h.numel() == 0) continue;
+      const double largest = at::amax(h.abs()).item<double>();  // NaN or Inf for a NaN or Inf entry
+      TORCH_CHECK(std::isfinite(largest), "qap_solve: ", name, " contains NaN or Inf");
+      TORCH_CHECK(largest <= limit, "qap_solve: ", name, " has entries up to ", largest, "; beyond ", limit,
+                  " the implicit Q's squared norms overflow ", dbl ? "float64" : "float32", ": scale ", name,
+                  " down (Q does not depend on the scale of H1 or H2)");
+    }
   }
   const std::string_view m(method.data(), method.size());
   TORCH_CHECK(m == "fw" || m == "sinkhorn", "qap_solve: method must be 'fw' or 'sinkhorn', got '", std::string(m),
@@ -133,11 +147,12 @@ inline QapMethod check_qap_args(const at::Tensor& U, const at::Tensor& nbr1, con
   const std::string_view est(estimator.data(), estimator.size());
   TORCH_CHECK(est == "imle" || est == "blackbox" || est == "imle_symmetric",
               "qap_solve: estimator must be 'imle', 'blackbox' or 'imle_symmetric', got '", std::string(est), "'");
-  TORCH_CHECK(lambda > 0, "qap_solve: lambda_ must be > 0, got ", lambda);
+  TORCH_CHECK(lambda > 0 && std::isfinite(lambda), "qap_solve: lambda_ must be a positive finite number, got ",
+              lambda);
   TORCH_CHECK(max_iter >= 1, "qap_solve: max_iter must be >= 1, got ", max_iter);
   TORCH_CHECK(tol >= 0, "qap_solve: tol must be >= 0, got ", tol);
-  TORCH_CHECK(restarts >= 1 || restarts == -1,
-              "qap_solve: restarts must be >= 1 (or -1 for the size-based default), got ", restarts);
+  TORCH_CHECK(restarts == -1 || (restarts >= 1 && restarts <= kMaxRestarts), "qap_solve: restarts must be in [1, ",
+              kMaxRestarts, "] (or -1 for the size-based default), got ", restarts);
   check_finite(U, "qap_solve: U");
   return m == "fw" ? QapMethod::FW : QapMethod::Sinkhorn;
 }

@@ -11,9 +11,12 @@ registered formulas (the solver's is the IMLE / blackbox estimator of ``qap_solv
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
-from .checks import check_finite, is_concrete
+from .checks import is_concrete
 from .config import DEFAULTS, OP_FIELDS, AlignConfig
 
 
@@ -93,9 +96,59 @@ def check_align_inputs(x, weights, unary_noise, quadratic_noise, dropout_mask, n
             raise RuntimeError(f"align: noise_seed must be an int64 tensor, got {noise_seed.dtype}")
     if dropout_mask is not None and tuple(dropout_mask.shape) != (2, G, N, h):
         raise RuntimeError(f"align: dropout_mask must have shape [2, {G}, {N}, {h}], got {tuple(dropout_mask.shape)}")
-    if is_concrete(x):
-        check_finite("align", x=x, w_root1=w_root1, w_rel1=w_rel1, bias1=bias1, w_root2=w_root2, w_rel2=w_rel2,
-                     bias2=bias2, unary_noise=unary_noise, quadratic_noise=quadratic_noise, dropout_mask=dropout_mask)
+
+
+INPUT_NAMES = ("x", "w_root1", "w_rel1", "bias1", "w_root2", "w_rel2", "bias2", "unary_noise", "quadratic_noise",
+               "dropout_mask")
+
+
+def _check_values(tensors, names, limit: float, what: str) -> torch.Tensor:
+    """``align_check_values``: every entry of the tensors finite and at most ``limit`` in magnitude, or raise naming
+    the user's argument: ``"align: <name> contains NaN or Inf"`` for an input (``what`` empty), else the
+    features described by ``what`` overflowed (finite inputs still can: the GraphConv layers multiply x by the
+    weights, the scores square the features' norms), named by the arguments that set their scale. Returns a
+    zero in the first tensor's dtype."""
+    first = next(t for t in tensors if t is not None)
+    named = [(n, t) for n, t in zip(names, tensors) if t is not None and t.numel() and is_concrete(t)]
+    if not named:
+        return first.new_zeros(())
+
+    def magnitude(t):  # the largest |entry|, NaN for a NaN entry, without a temporary of t's size
+        lo, hi = torch.aminmax(t)
+        return torch.maximum(-lo, hi).double()
+
+    # one device->host sync for all the tensors
+    for (name, t), largest in zip(named, torch.stack([magnitude(t) for _, t in named]).tolist()):
+        if math.isfinite(largest) and largest <= limit:
+            continue
+        if not what:
+            raise RuntimeError(f"align: {name} contains NaN or Inf")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if math.isfinite(largest):
+            what = (f"{what} reach |h| = {largest:.3g}; beyond {limit:.3g} the alignment's squared norms overflow "
+                    f"{dtype}")
+        else:
+            what = f"{what} overflow {dtype} (NaN or Inf from finite inputs)"
+        raise RuntimeError(f"align: {what}: x or the GraphConv weights (w_root1, w_rel1, bias1, w_root2, w_rel2, "
+                           "bias2) are too large; scale them down (without biases the loss does not depend on the "
+                           "scale of x)")
+    return first.new_zeros(())
+
+
+def checked(t: torch.Tensor, tensors, names, limit: float = math.inf, what: str = "") -> torch.Tensor:
+    """``t`` after the value checks of ``tensors`` (:func:`_check_values`), run by the op ``align_check_values``: so
+    they run where the values are -- eagerly, and at run time inside a ``torch.compile``'d graph, whose traced
+    Python sees none. ``t`` plus the op's zero output keeps the op in the graph and runs it before the ops that
+    ``t`` feeds, which would otherwise meet the bad values first and name their own arguments."""
+    return t + torch.ops.exgramed.align_check_values([None if v is None else v.detach() for v in tensors],
+                                                     list(names), limit, what)
+
+
+def feature_limit(h: torch.Tensor, edge_floor: float) -> float:
+    """The largest feature magnitude whose scores stay finite in h's dtype: the squared node norms, the cross Gram
+    (``<= |h|^2``), its second differences in ``pair_scores`` and the squared edge lengths (``<= 4 |h|^2``) with
+    the edge floor's ``edge_floor^2 r^2``, for node norms up to ``sqrt(h_dim)`` times the largest entry."""
+    return (torch.finfo(h.dtype).max / (max(1, int(h.shape[-1])) * (4.0 + edge_floor ** 2))) ** 0.5
 
 
 def inverse_edge_lengths(h: torch.Tensor, nbr: torch.Tensor, edge_floor: float = 0.0) -> torch.Tensor:
@@ -176,6 +229,8 @@ def node_features(graphs, weights, dropout_masks, k, metric, aggr, reverse, dtyp
                                           None if bias is None else bias.to(dtype), aggr, reverse, True)
         if dropout_masks is not None:
             h = h * dropout_masks[layer].to(dtype)
+        if layer == 0:  # the second layer's are checked by the caller, against the scores' limit
+            h = checked(h, [h], ["h"], torch.finfo(h.dtype).max, "the features of GraphConv layer 1")
     return h, nbr
 
 
@@ -255,7 +310,11 @@ def align_problems(x, weights, unary_noise, quadratic_noise, dropout_mask, noise
     everything = problems is None
     jobs = list(range(S * P)) if everything else list(problems)
     s_of, p_of = [j // P for j in jobs], [j % P for j in jobs]
+    x = checked(x, [x, *weights, unary_noise, quadratic_noise, dropout_mask], INPUT_NAMES)
     graphs = torch.cat([x, x.mean(0, keepdim=True)]) if cfg.mode == "barycenter" else x
+    if cfg.mode == "barycenter":
+        graphs = checked(graphs, [graphs[K:]], ["h"], torch.finfo(dtype).max,
+                         "the barycenter graph's features (the mean of x)")
     masks = dropout_mask
     a, b = [src[p] for p in p_of], [dst[p] for p in p_of]
     if not everything:  # only the graphs these problems touch: graphs are independent through kNN and GraphConv
@@ -265,6 +324,7 @@ def align_problems(x, weights, unary_noise, quadratic_noise, dropout_mask, noise
         graphs = _take(graphs, needed)
         masks = None if dropout_mask is None else dropout_mask[:, needed]
     h, nbr = node_features(graphs, weights, masks, cfg.k, cfg.metric, cfg.aggr, cfg.reverse, dtype)
+    h = checked(h, [h], ["h"], feature_limit(h, cfg.edge_floor), "the node features")
     qn = _problem_rows(quadratic_noise, s_of, p_of, S, P, everything)
     seeds = _problem_rows(noise_seed, s_of, p_of, S, P, everything)
     U, Q, nbr1, nbr2 = problem_scores(h, nbr, a, b, cfg.copy_structure, None if qn is None else qn.to(dtype),
@@ -285,13 +345,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def autocast_off(device_type: str):
+    """A context with autocast off on ``device_type``; nothing to turn off on a device without autocast (the
+    meta device, where ``torch.autocast`` raises)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=None, quadratic_noise=None,
                 dropout_mask=None, noise_seed=None, *args, **kwargs):
     cfg = DEFAULTS.replace(**dict(zip(OP_FIELDS, args)), **kwargs)
     weights = (w_root1, w_rel1, bias1, w_root2, w_rel2, bias2)
     check_align_inputs(x, weights, unary_noise, quadratic_noise, dropout_mask, noise_seed, cfg)
     dtype = compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return align_problems(x.to(dtype), weights, unary_noise, quadratic_noise, dropout_mask, noise_seed, cfg)
 
 
@@ -312,6 +380,13 @@ def _schema() -> str:
 _LIB = torch.library.Library("exgramed", "FRAGMENT")
 _LIB.define(_schema())
 _LIB.impl("align", _align_impl, "CompositeImplicitAutograd")
+_LIB.define("align_check_values(Tensor?[] tensors, str[] names, float limit, str what) -> Tensor")
+_LIB.impl("align_check_values", _check_values, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("exgramed::align_check_values")
+def _check_values_fake(tensors, names, limit, what):
+    return next(t for t in tensors if t is not None).new_zeros(())
 
 
 def align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, bias1: torch.Tensor | None,

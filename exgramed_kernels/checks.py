@@ -14,6 +14,8 @@ METRICS = ("l2", "cosine")
 AGGRS = ("max", "mean", "sum", "gcn")
 METHODS = ("fw", "sinkhorn")
 ESTIMATORS = ("imle", "blackbox", "imle_symmetric")
+# qap_solve's starts per problem at most (csrc/qap.h kMaxRestarts): each start holds O(N) to O(N^2) state.
+MAX_RESTARTS = 1 << 16
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -147,7 +149,7 @@ def check_estimator(estimator: str, lambda_: float, op: str = "qap_solve") -> No
     """The estimator arguments shared by ``qap_solve`` and ``align``."""
     if estimator not in ESTIMATORS:
         raise RuntimeError(f"{op}: estimator must be one of {ESTIMATORS}, got '{estimator}'")
-    if not (lambda_ > 0 and lambda_ < float("inf")):
+    if not 0 < lambda_ < math.inf:
         raise RuntimeError(f"{op}: lambda_ must be a positive finite number, got {lambda_}")
 
 
@@ -196,14 +198,15 @@ def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_ite
         raise RuntimeError(f"{p}method must be 'fw' or 'sinkhorn', got '{method}'")
     if estimator not in ESTIMATORS:
         raise RuntimeError(f"{p}estimator must be 'imle', 'blackbox' or 'imle_symmetric', got '{estimator}'")
-    if not lambda_ > 0:
-        raise RuntimeError(f"{p}lambda_ must be > 0, got {lambda_}")
+    if not 0 < lambda_ < math.inf:
+        raise RuntimeError(f"{p}lambda_ must be a positive finite number, got {lambda_}")
     if max_iter < 1:
         raise RuntimeError(f"{p}max_iter must be >= 1, got {max_iter}")
     if not tol >= 0:
         raise RuntimeError(f"{p}tol must be >= 0, got {tol}")
-    if restarts == 0 or restarts < -1:
-        raise RuntimeError(f"{p}restarts must be >= 1 (or -1 for the size-based default), got {restarts}")
+    if restarts != -1 and not 1 <= restarts <= MAX_RESTARTS:
+        raise RuntimeError(f"{p}restarts must be in [1, {MAX_RESTARTS}] (or -1 for the size-based default), got "
+                           f"{restarts}")
     if init is not None:
         if init.dtype != torch.long:
             raise RuntimeError(f"{p}init must be an int64 tensor, got {init.dtype}")
@@ -222,6 +225,21 @@ def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_ite
     if check_values:
         check_index_range(op, N, nbr1=nbr1, nbr2=nbr2)
         check_finite(op, U=U, Q=Q, H1=H1, H2=H2)
+        if H1 is not None:
+            check_implicit_q_range(op, H1, H2)
+
+
+def check_implicit_q_range(op, H1, H2) -> None:
+    """The implicit Q squares the features' norms (the cross Gram, the squared edge lengths) in float32, or float64
+    when either H is (csrc/qap.h): every entry below ``sqrt(max) / (2 sqrt(h))`` keeps those finite."""
+    dtype = torch.float64 if torch.float64 in (H1.dtype, H2.dtype) else torch.float32
+    limit = math.sqrt(torch.finfo(dtype).max) / (2 * math.sqrt(max(1, H1.shape[-1])))
+    for name, H in (("H1", H1), ("H2", H2)):
+        largest = float(H.abs().amax()) if H.numel() else 0.0
+        if largest > limit:
+            raise RuntimeError(f"{op}: {name} has entries up to {largest:g}; beyond {limit:g} the implicit Q's squared "
+                               f"norms overflow {str(dtype).removeprefix('torch.')}: scale {name} down (Q does not "
+                               "depend on the scale of H1 or H2)")
 
 
 # ----------------------------------------------------------------------------- qap_gradient

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .checks import AGGRS, ESTIMATORS, METRICS
+from .checks import AGGRS, ESTIMATORS, MAX_RESTARTS, METRICS
 from .checks import METHODS as SOLVERS
 
 MODES = ("barycenter", "pairwise")
@@ -85,7 +85,8 @@ class AlignConfig:
             ("solver", self.solver in SOLVERS, f"one of {SOLVERS}"),
             ("max_iter", self.max_iter >= 1, "an int >= 1"),
             ("tol", self.tol >= 0 and math.isfinite(self.tol), "a finite number >= 0"),
-            ("restarts", self.restarts >= 1 or self.restarts == -1, "an int >= 1, or -1 (size-based)"),
+            ("restarts", 1 <= self.restarts <= MAX_RESTARTS or self.restarts == -1,
+             f"an int in [1, {MAX_RESTARTS}], or -1 (size-based)"),
             ("estimator", self.estimator in ESTIMATORS, f"one of {ESTIMATORS}"),
             ("lambda_", 0 < self.lambda_ < math.inf, "a positive finite number"),
             ("samples", self.samples >= 1, "an int >= 1"),

@@ -50,7 +50,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .align import align_problems, check_align_inputs, compute_dtype, num_samples, problem_graphs
+from .align import (INPUT_NAMES, align_problems, autocast_off, check_align_inputs, checked, compute_dtype,
+                    num_samples, problem_graphs)
 from .config import DEFAULTS, AlignConfig
 
 GRAPH_SCOPES = ("local", "global")
@@ -203,7 +204,7 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
     P = len(problem_graphs(K, cfg.mode)[0])
     jobs = shard(num_samples(unary_noise, quadratic_noise, noise_seed) * P, world, rank)
     dtype = compute_dtype(xg)
-    with torch.autocast(xg.device.type, enabled=False):
+    with autocast_off(xg.device.type):
         if jobs:
             # The estimator gets the single-process dL/dZ (_SumLosses); the scores' gradients get the factor W.
             part, Z = align_problems(xg.to(dtype), weights, unary_noise, quadratic_noise, dropout_mask, noise_seed,
@@ -211,7 +212,9 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
         else:
             # No problem here (W > S P): a zero that still depends on x and the weights, so this
             # rank joins the gather's backward collective and DDP sees every parameter used.
-            part = sum(t.sum() for t in (xg, *weights) if t is not None).to(dtype) * 0.0
+            # The inputs' value checks still run here, as on the ranks with problems (align_problems').
+            xc = checked(xg, [xg, *weights, unary_noise, quadratic_noise, dropout_mask], INPUT_NAMES)
+            part = sum(t.sum() for t in (xc, *weights) if t is not None).to(dtype) * 0.0
             Z = torch.zeros(0, N, N, dtype=dtype, device=xg.device)
         loss = _SumLosses.apply(part, process_group)
     return loss, Z, jobs

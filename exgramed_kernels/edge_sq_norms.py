@@ -5,7 +5,7 @@ import torch
 
 from . import reference
 from ._backend import register_fallback, register_no_gradient
-from .checks import check_edge_sq_norms_args, check_index_range
+from .checks import check_edge_sq_norms_args, check_finite, check_index_range
 
 
 @torch.library.register_fake("exgramed::edge_sq_norms")
@@ -18,6 +18,7 @@ def _edge_sq_norms_fake(h, nbr):
 def _edge_sq_norms_reference(h, nbr):
     check_edge_sq_norms_args(h, nbr)
     check_index_range("edge_sq_norms", h.shape[1], nbr=nbr)
+    check_finite("edge_sq_norms", h=h)
     return reference.edge_sq_norms(h, nbr)
 
 
@@ -57,7 +58,7 @@ def edge_sq_norms(h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
     order; half and bfloat16 computed in float32). ``align``'s edge normalisation.
 
     Args:
-        h: ``[G, N, h]`` float node features. nbr: int64 ``[G, N, k]``, entries in ``[0, N)``.
+        h: ``[G, N, h]`` float node features, finite. nbr: int64 ``[G, N, k]``, entries in ``[0, N)``.
 
     Returns:
         ``[G, N k]`` in h's dtype; differentiable w.r.t. h (``dh_i = 2 sum_j g_ij (h_i - h_j)``, both ends).

@@ -33,8 +33,10 @@ def knn_graph(x: torch.Tensor, k: int, metric: str = "l2", backend: str = "auto"
     deterministic. Edge ``(i, nbr[g, i, s])`` is the s-th out-edge of node i: every node has
     out-degree k, ``|E| = N k`` per graph.
 
-    Numerics: candidates come from a GEMM in fp32 (fp64 for fp64 input; fp16/bf16 are
-    upcast, so large-norm fp16 input cannot overflow); the final ranking uses exact fp64
+    Numerics: the input is first scaled by a power of two per graph (l2) or per row (cosine),
+    which changes no neighbour but keeps every square in range, so inputs of any finite
+    magnitude work (fp32 squares alone overflow above ``|x| ~ 1.8e19``); candidates come from a
+    GEMM in fp32 (fp64 for fp64 input; fp16/bf16 are upcast); the final ranking uses exact fp64
     distances of the best ``k + 8`` candidates.
 
     Args:

@@ -24,7 +24,7 @@ import torch
 
 from . import reference
 from ._backend import register_fallback, register_no_gradient
-from .checks import check_pair_scores_args, check_sparse_grad_args
+from .checks import check_finite, check_index_range, check_pair_scores_args, check_sparse_grad_args
 
 
 @torch.library.register_fake("exgramed::pair_scores")
@@ -33,11 +33,20 @@ def _pair_scores_fake(C, w1, w2, nbr1, nbr2, alpha=1.0, beta=0.0, noise=None, no
     return C.new_empty(P, Nk, Nk)
 
 
+def _compute_dtype(C: torch.Tensor) -> torch.dtype:
+    """float16 and bfloat16 are computed in float32, like the kernels."""
+    return torch.float64 if C.dtype == torch.float64 else torch.float32
+
+
 @register_fallback("pair_scores")
 def _pair_scores_reference(C, w1, w2, nbr1, nbr2, alpha=1.0, beta=0.0, noise=None, noise_scale=0.0,
                            noise_seed=None):
     check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed)
-    return reference.pair_scores(C, w1, w2, nbr1, nbr2, alpha, beta, noise, noise_scale, noise_seed)
+    check_index_range("pair_scores", C.shape[1], nbr1=nbr1, nbr2=nbr2)
+    check_finite("pair_scores", C=C, w1=w1, w2=w2, noise=noise)
+    ct = _compute_dtype(C)
+    return reference.pair_scores(C.to(ct), w1.to(ct), w2.to(ct), nbr1, nbr2, alpha, beta,
+                                 None if noise is None else noise.to(ct), noise_scale, noise_seed).to(C.dtype)
 
 
 @torch.library.register_fake("exgramed::pair_scores_backward")
@@ -49,10 +58,11 @@ def _pair_scores_backward_fake(grad, C, w1, w2, nbr1, nbr2, alpha):
 @register_fallback("pair_scores_backward")
 def _pair_scores_backward_reference(grad, C, w1, w2, nbr1, nbr2, alpha):
     check_pair_scores_args(C, w1, w2, nbr1, nbr2, None, None, "pair_scores_backward")
+    ct = _compute_dtype(C)
     with torch.enable_grad():
-        ins = [t.detach().requires_grad_() for t in (C, w1, w2)]
+        ins = [t.detach().to(ct).requires_grad_() for t in (C, w1, w2)]
         Q = reference.pair_scores(*ins, nbr1, nbr2, alpha)
-        return tuple(torch.autograd.grad(Q, ins, grad.to(Q.dtype)))
+        return tuple(g.to(C.dtype) for g in torch.autograd.grad(Q, ins, grad.to(Q.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -131,11 +141,12 @@ def pair_scores(C: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, nbr1: torch
     """Edge-pair scores (module docstring).
 
     Args:
-        C: ``[P, N, N]`` float (the cross Gram of the two graphs of each problem).
-        w1, w2: ``[P, N*k]`` in C's dtype (per-edge weights: the inverse edge lengths).
+        C: ``[P, N, N]`` float (the cross Gram of the two graphs of each problem), finite; float16 and bfloat16
+            are computed in float32.
+        w1, w2: ``[P, N*k]`` in C's dtype (per-edge weights: the inverse edge lengths), finite.
         nbr1, nbr2: int64 ``[P, N, k]`` neighbour tables, entries in ``[0, N)``.
         alpha, beta: scale and offset. noise_scale: the noise's scale.
-        noise: optional ``[P, N*k, N*k]`` noise, or
+        noise: optional ``[P, N*k, N*k]`` noise (finite), or
         noise_seed: optional int64 ``[P]`` on C's device, one seed per problem: in-kernel standard Gumbel noise.
 
     Returns:

@@ -116,13 +116,13 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
         method: ``"fw"`` or ``"sinkhorn"``.
         max_iter: iterations per start (>= 1). tol: stop a start when the Frank-Wolfe gap
             <grad f(X), P - X> <= tol * max(1, |f(X)|) (sinkhorn: when X moves by <= tol).
-        restarts: number of starts (>= 1), or -1: 32 for N <= 8, 16 for N <= 16, 8 for N <= 32,
+        restarts: number of starts (1 to 65536), or -1: 32 for N <= 8, 16 for N <= 16, 8 for N <= 32,
             4 for N <= 64, else 2.
         partial: maximise over partial permutations (a node may stay unmatched at score 0, as
             LPMP): the oracle is the linear assignment of max(grad, 0) with non-positive pairs dropped.
         seed: the random starts' seed.
-        estimator, lambda_: used by the backward only (``"imle"``, ``"blackbox"`` or ``"imle_symmetric"``, lambda_ > 0;
-            module docstring).
+        estimator, lambda_: used by the backward only (``"imle"``, ``"blackbox"`` or ``"imle_symmetric"``; lambda_
+            positive and finite, checked in the forward; module docstring).
         sparse_q_grad: the caller's promise that Q's producer accepts a sparse COO gradient (``pair_scores``
             does): Q's gradient is then returned sparse on the CPU, its O(N k) non-zeros per
             problem (``edge_pair_indicator_sparse``) instead of a dense ``[G, N k, N k]`` tensor. Dense on

@@ -296,6 +296,45 @@ def test_errors_name_the_argument(change, match):
         ek.align(x, *ws, change.get("un", un), change.get("qn", qn), change.get("mask"), **opts)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_inputs_name_the_arguments(dtype):
+    """Finite inputs whose features overflow inside the pipeline are reported in terms of x and the weights
+    (they were "qap_solve: Q contains NaN or Inf"); large inputs that fit give the loss of the unscaled ones."""
+    x, ws, un, qn = make_inputs(dtype=dtype)
+    # big: squares overflow dtype; (x * big2) * (w_root1 * big3): the first layer itself overflows
+    big, big2, big3 = (1e20, 1e30, 1e10) if dtype == torch.float32 else (1e160, 1e160, 1e160)
+    opts = dict(k=KNN, **FAST)
+    nobias = [None if i in (2, 5) else w for i, w in enumerate(ws)]
+    features = "x or the GraphConv weights \\(w_root1, w_rel1, bias1, w_root2, w_rel2, bias2\\) are too large"
+    for xx, ww in ((x * big, ws), (x * big, nobias), (x, [w * big if i == 3 else w for i, w in enumerate(ws)]),
+                   (x * big2, [w * big3 if i == 0 else w for i, w in enumerate(ws)])):
+        with pytest.raises(RuntimeError, match="align: the (node features|features of GraphConv layer [12]) .*"
+                                               + features):
+            ek.align(xx, *ww, un, qn, None, **opts)
+    # Without biases the loss does not depend on the scale of x (above the normalisations' 1e-12 floor): a power
+    # of two changes no rounding either.
+    loss, Z = ek.align(x, *nobias, un, qn, None, **opts)
+    for scale in (2.0 ** 50, 2.0 ** -20):
+        loss_s, Z_s = ek.align(x * scale, *nobias, un, qn, None, **opts)
+        assert torch.equal(Z_s, Z) and torch.equal(loss_s, loss)
+
+
+def test_meta_device():
+    """align and MultiGraphAlignment on the meta device give their outputs' shapes and dtypes, forward and
+    backward (torch.autocast raised "unsupported scalarType" there)."""
+    x, ws, un, qn = make_inputs(dtype=torch.float32, S=2)
+    meta = [t.to("meta") for t in (x, *ws, un, qn)]
+    xm = meta[0].requires_grad_()
+    loss, Z = ek.align(xm, *meta[1:7], meta[7], meta[8], None, k=KNN)
+    assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float32
+    assert Z.device.type == "meta" and Z.shape == (2 * 2 * K, B, B)
+    loss.backward()
+    assert xm.grad.shape == x.shape and xm.grad.device.type == "meta"
+    m = ek.MultiGraphAlignment(D, H, k=KNN).to("meta")
+    out = m(torch.randn(K, B, D, device="meta"))
+    assert out.loss.device.type == "meta" and out.Z.shape == (2 * K, B, B)
+
+
 def test_gumbel_samples():
     torch.manual_seed(0)
     s = sample_gumbel((200000,), dtype=torch.float64)

@@ -47,6 +47,12 @@ def test_edge_sq_norms_opcheck_and_errors(device):
         ek.edge_sq_norms(x, nbr + 6)
     with pytest.raises(RuntimeError, match="floating-point"):
         ek.edge_sq_norms(x.long(), nbr)
+    # NaN and Inf are named, as every other op does (they passed through silently).
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        xb = x.detach().clone()
+        xb[1, 2, 3] = bad
+        with pytest.raises(RuntimeError, match="edge_sq_norms: h contains NaN or Inf"):
+            ek.edge_sq_norms(xb, nbr)
 
 
 def test_double_backward_raises():

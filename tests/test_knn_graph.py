@@ -21,7 +21,10 @@ def assert_knn_matches_reference(nbr, x, k, metric):
     nbr = nbr.cpu()
     if torch.equal(nbr, ref):
         return
-    dist = reference.pairwise_distance(x.double().cpu(), metric)
+    # Distances of each graph scaled to its largest entry: the same neighbours, in range at any magnitude.
+    xd = x.double().cpu()
+    xd = xd / xd.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    dist = reference.pairwise_distance(xd, metric)
     got_d = torch.gather(dist, 2, nbr)
     ref_d = torch.gather(dist, 2, ref)
     # fp32 GEMM candidates: a swap is only allowed between (nearly) equidistant points.
@@ -116,6 +119,41 @@ def test_fp16_large_norm_does_not_overflow(device):
     x = (torch.randn(1, 30, 4096, device=device) * 3000).half()
     assert torch.isinf(x.float().pow(2).sum(-1).half()).all()  # fp16 arithmetic would overflow
     assert_knn_matches_reference(ek.knn_graph(x, 5), x, 5, "l2")
+
+
+# Magnitudes whose squares overflow (huge) or underflow (tiny) the compute dtype fp32, for fp32 and
+# bf16 (fp32's range); fp16's own extremes; fp64's. fp32 on the CPU gave every row the lowest indices.
+EXTREMES = [(torch.float32, 1e20), (torch.float32, 3e37), (torch.float32, 1e-30), (torch.bfloat16, 1e20),
+            (torch.bfloat16, 1e-30), (torch.float16, 8e3), (torch.float16, 1e-4), (torch.float64, 1e200),
+            (torch.float64, 1e-200)]
+
+
+def extreme_input(dtype, magnitude, device, G=3, N=40, d=6):
+    torch.manual_seed(8)
+    x = torch.randn(G, N, d, dtype=torch.float64) * magnitude
+    x[1] *= 1e-3  # graphs of different magnitudes in one batch
+    return x.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype, magnitude", EXTREMES)
+def test_huge_and_tiny_inputs(device, metric, dtype, magnitude):
+    x = extreme_input(dtype, magnitude, device)
+    assert torch.isfinite(x).all() and (x != 0).float().mean() > 0.9
+    nbr = ek.knn_graph(x, 5, metric)
+    assert torch.equal(nbr.cpu(), reference.knn_graph(x.double().cpu(), 5, metric))
+
+
+def test_reference_is_exact_at_any_magnitude():
+    """The oracle itself: the float64 neighbours of x, of x scaled by a power of two, and of the
+    huge and tiny x are the same."""
+    torch.manual_seed(9)
+    x = torch.randn(2, 30, 5, dtype=torch.float64)
+    for metric in ("l2", "cosine"):
+        want = reference.knn_graph(x, 4, metric)
+        for scale in (2.0 ** 700, 2.0 ** -700, 2.0 ** 1000, 2.0 ** -1050):
+            assert torch.equal(reference.knn_graph(x * scale, 4, metric), want), (metric, scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -227,6 +265,19 @@ def test_triton(metric, G, N, d, k):
     torch.manual_seed(N + d)
     x = torch.randn(G, N, d, device=device)
     assert_knn_matches_reference(ek.knn_graph(x, k, metric, backend="triton"), x, k, metric)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not importable")
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype, magnitude", [(torch.float32, 1e20), (torch.float32, 1e-30),
+                                              (torch.bfloat16, 1e20), (torch.float64, 1e200)])
+def test_triton_huge_and_tiny_inputs(metric, dtype, magnitude):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = extreme_input(dtype, magnitude, device, N=24)
+    assert_knn_matches_reference(ek.knn_graph(x, 5, metric, backend="triton"), x, 5, metric)
+    with pytest.raises(RuntimeError, match="x contains NaN or Inf"):
+        ek.knn_graph(x.clone().index_fill_(1, torch.tensor([3], device=device), float("nan")), 5, metric,
+                     backend="triton")
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not importable")

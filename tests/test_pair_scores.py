@@ -141,11 +141,44 @@ def test_errors():
         (dict(noise_seed=torch.tensor([1, 2, 3])), r"noise_seed must be an int64 tensor of shape \[P\] = \[2\]"),
         (dict(noise_seed=torch.tensor([1.0, 2.0])), "noise_seed must be an int64 tensor"),
     ]
+    # NaN and Inf in the values are named, as every other op does (they passed through silently).
+    for name, t in (("C", C), ("w1", w1), ("w2", w2), ("noise", torch.zeros(2, 10, 10))):
+        for bad in (float("nan"), float("inf")):
+            t = t.clone()
+            t.view(-1)[t.numel() // 2] = bad
+            cases.append(({name: t}, f"pair_scores: {name} contains NaN or Inf"))
     for change, match in cases:
         a = dict(C=C, w1=w1, w2=w2, n1=n1, n2=n2, noise=None, noise_seed=None)
         a.update(change)
         with pytest.raises(RuntimeError, match=match):
             ek.pair_scores(a["C"], a["w1"], a["w2"], a["n1"], a["n2"], 1.0, 0.0, a["noise"], 1.0, a["noise_seed"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("noise", ["none", "tensor", "seed"])
+def test_half_precision_computed_in_float32(device, dtype, noise):
+    """float16 and bfloat16 inputs (NotImplementedError before) are computed in float32: the result and the
+    gradients are the float32 ones rounded to the input's dtype."""
+    gen = torch.Generator().manual_seed(9)
+    C, w1, w2, n1, n2 = inputs(3, 6, 2, gen, dtype, device)
+    kw = {}
+    if noise == "tensor":
+        kw = dict(noise=torch.randn(3, 12, 12, generator=gen).to(device, dtype))
+    elif noise == "seed":
+        kw = dict(noise_seed=torch.tensor([5, 6, 7], device=device))
+    ins = [t.clone().requires_grad_() for t in (C, w1, w2)]
+    got = ek.pair_scores(*ins, n1, n2, 0.5, -0.25, noise_scale=0.7, **kw)
+    g = torch.randn(got.shape, generator=gen).to(device, dtype)
+    grads = torch.autograd.grad(got, ins, g)
+    ins32 = [t.float().requires_grad_() for t in (C, w1, w2)]
+    kw32 = {k_: v.float() if v.is_floating_point() else v for k_, v in kw.items()}
+    want = ek.pair_scores(*ins32, n1, n2, 0.5, -0.25, noise_scale=0.7, **kw32)
+    want_grads = torch.autograd.grad(want, ins32, g.float())
+    assert got.dtype == dtype and all(t.dtype == dtype for t in grads)
+    assert torch.equal(got, want.to(dtype))
+    for a, b in zip(grads, want_grads):  # float64 accumulations rounded to dtype, or through float32
+        torch.testing.assert_close(a, b.to(dtype))
 
 
 def test_opcheck():

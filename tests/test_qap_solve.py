@@ -343,9 +343,13 @@ def test_errors(device):
         (dict(Q=None, H1=H, H2=H[..., :2]), "same feature size"),
         (dict(method="lpmp"), "method must be 'fw' or 'sinkhorn'"),
         (dict(estimator="sfe"), "estimator must be 'imle', 'blackbox' or 'imle_symmetric'"),
-        (dict(lambda_=0.0), "lambda_ must be > 0"),
+        (dict(lambda_=0.0), "lambda_ must be a positive finite number"),
+        (dict(lambda_=float("inf")), "lambda_ must be a positive finite number"),
+        (dict(lambda_=float("nan")), "lambda_ must be a positive finite number"),
         (dict(max_iter=0), "max_iter must be >= 1"),
-        (dict(restarts=0), "restarts must be >= 1"),
+        (dict(restarts=0), r"restarts must be in \[1, 65536\]"),
+        (dict(restarts=-2), r"restarts must be in \[1, 65536\]"),
+        (dict(restarts=2**40), r"restarts must be in \[1, 65536\]"),  # was std::bad_alloc
         (dict(tol=-1.0), "tol must be >= 0"),
     ]
     for bad in ("U", "Q"):
@@ -355,6 +359,10 @@ def test_errors(device):
     Hi = H.clone()
     Hi[0, 0, 0] = float("inf")
     cases.append((dict(Q=None, H1=Hi, H2=H), "H1 contains NaN or Inf"))
+    # Finite features whose implicit Q overflows float32 (a silently wrong matching before): named.
+    cases.append((dict(Q=None, H1=H, H2=H * 1e20), "H2 has entries up to .* the implicit Q's squared norms overflow "
+                                                    "float32: scale H2 down"))
+    cases.append((dict(Q=None, H1=H.double() * 1e160, H2=H), "H1 has entries up to .* overflow float64"))
     for over, msg in cases:
         kw = dict(U=U, nbr1=n1, nbr2=n2, Q=Q)
         kw.update(over)
@@ -500,6 +508,17 @@ def test_init_warm_start(device, partial):
         again, obj_again = ek.qap_solve(d(U), d(n1), d(n2), d(Q), restarts=1, partial=partial,
                                         init=matching_of(Zs))
         assert bool((obj_again >= objs - 1e-9).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_implicit_q_at_large_scale(device):
+    """Q does not depend on the features' scale: up to the float32 limit of the check above, the same matching."""
+    gen = torch.Generator().manual_seed(7)
+    U, n1, n2, _ = (t.to(device) for t in problem(2, 7, 2, gen, dtype=torch.float32))
+    H1, H2 = torch.randn(2, 7, 4, generator=gen).to(device), torch.randn(2, 7, 4, generator=gen).to(device)
+    Z, _ = ek.qap_solve(U, n1, n2, None, H1, H2, restarts=2)
+    Zs, _ = ek.qap_solve(U, n1, n2, None, H1 * 2.0 ** 60, H2 * 2.0 ** -40, restarts=2)
+    assert torch.equal(Z, Zs)
 
 
 def test_init_errors():

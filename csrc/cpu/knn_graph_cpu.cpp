@@ -1,4 +1,4 @@
-// knn_graph, CPU kernel: GEMM candidates + exact fp64 refinement (see knn_graph.h),
+// knn_graph, CPU kernel: GEMM candidates + exact fp64 refinement of the scaled input (knn_graph.h),
 // rows in parallel, partial selection by insertion into a C-slot buffer (never a sort
 // of the whole row).
 #include <ATen/Parallel.h>
@@ -6,7 +6,6 @@
 
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "multiversion.h"
@@ -32,33 +31,22 @@ inline int64_t insert_sorted(T* dist, int64_t* idx, int64_t n, int64_t cap, T d,
   return n < cap ? n + 1 : n;
 }
 
-template <typename acc_t>
-double exact_dot(const acc_t* a, const acc_t* b, int64_t d) {
-  if constexpr (std::is_same_v<acc_t, double>) {
-    return dot_f64(a, b, d);
-  } else {
-    return dot_f32(a, b, d);
-  }
-}
-
-// `xe` is the input in fp32 (fp16/bf16/fp32 inputs: exact) or fp64; `norms` the fp64 row norms.
-template <typename acc_t>
-double exact_distance(const acc_t* a, const acc_t* b, int64_t d, KnnMetric metric, double na, double nb) {
-  if (metric == KnnMetric::Cosine) return (na == 0.0 || nb == 0.0) ? 1.0 : 1.0 - exact_dot(a, b, d) / (na * nb);
-  if constexpr (std::is_same_v<acc_t, double>) {
-    return sq_dist_f64(a, b, d);
-  } else {
-    return sq_dist_f32(a, b, d);
-  }
+// `xs`: the scaled input in float64 (knn_scaled_input); `norms` its float64 row norms.
+double exact_distance(const double* a, const double* b, int64_t d, KnnMetric metric, double na, double nb) {
+  if (metric == KnnMetric::Cosine) return (na == 0.0 || nb == 0.0) ? 1.0 : 1.0 - dot_f64(a, b, d) / (na * nb);
+  return sq_dist_f64(a, b, d);
 }
 
 // Rows q in [q0, q0 + nrows) of the flattened [G*N] node list; gram row q is gram + (q - q0) * N.
 template <typename acc_t>
-void knn_rows(const acc_t* xe, const double* norms, const acc_t* gram, const acc_t* sq, int64_t N, int64_t d,
+void knn_rows(const double* xs, const double* norms, const acc_t* gram, const acc_t* sq, int64_t N, int64_t d,
               int64_t k, KnnMetric metric, int64_t q0, int64_t nrows, int64_t* out) {
   const int64_t C = knn_num_candidates(k, N);
-  // Rounding bound of a Gram-form distance: |err| <= gamma * (|x_i|^2 + |x_j|^2).
+  // Rounding bound of a Gram-form distance: |err| <= gamma * (|x_i|^2 + |x_j|^2) + tiny, tiny the
+  // absolute error of the products and sums that fall below the normal range (rows far smaller than
+  // their graph's largest).
   const double gamma = (d + 4) * std::numeric_limits<acc_t>::epsilon();
+  const double tiny = 4.0 * (d + 4) * static_cast<double>(std::numeric_limits<acc_t>::denorm_min());
   at::parallel_for(0, nrows, 16, [&](int64_t r_begin, int64_t r_end) {
     std::vector<acc_t> cd(C);
     std::vector<int64_t> ci(C);
@@ -79,8 +67,8 @@ void knn_rows(const acc_t* xe, const double* norms, const acc_t* gram, const acc
       // just the groups that reach into the first k, by exact fp64 distance.
       double sq_max = 0.0;
       for (int64_t c = 0; c < n; ++c) sq_max = std::max<double>(sq_max, sqg[ci[c]]);
-      const double bound = 2.0 * gamma * (metric == KnnMetric::L2 ? sqg[i] + sq_max : 2.0);
-      const acc_t* xg = xe + g * N * d;
+      const double bound = 2.0 * (gamma * (metric == KnnMetric::L2 ? sqg[i] + sq_max : 2.0) + tiny);
+      const double* xg = xs + g * N * d;
       const double* ng = norms + g * N;
       for (int64_t start = 0; start < k;) {
         int64_t end = start + 1;
@@ -109,29 +97,22 @@ at::Tensor knn_graph_cpu(const at::Tensor& x, int64_t k, c10::string_view metric
   const int64_t G = x.size(0), N = x.size(1), d = x.size(2);
   at::Tensor out = at::empty({G, N, k}, x.options().dtype(at::kLong));
   if (G == 0) return out;
-  const at::Tensor xe = x.to(knn_compute_dtype(x)).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(xe.scalar_type(), "knn_graph_cpu", [&] {
+  const at::Tensor xs = knn_scaled_input(x, metric);  // also the NaN/Inf check of x
+  const double* xs_p = xs.data_ptr<double>();
+  // float64 squared row norms (the Gram diagonal, and the exact cosine's denominators).
+  at::Tensor sq64 = at::empty({G, N}, xs.options());
+  double* sp = sq64.data_ptr<double>();
+  at::parallel_for(0, G * N, 64, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) sp[q] = dot_f64(xs_p + q * d, xs_p + q * d, d);
+  });
+  const KnnGramInputs in = knn_gram_inputs(xs, metric, sq64, knn_compute_dtype(x));
+  const at::Tensor norms = sq64.sqrt();
+  AT_DISPATCH_FLOATING_TYPES(in.xc.scalar_type(), "knn_graph_cpu", [&] {
     using acc_t = scalar_t;
-    // The exact re-ranking reads xe: the input in the compute dtype (exact for fp16/bf16/fp32).
-    const acc_t* xe_p = xe.data_ptr<acc_t>();
-    // fp64 squared row norms (the Gram diagonal, and the exact cosine's denominators).
-    at::Tensor sq64 = at::empty({G, N}, x.options().dtype(at::kDouble));
-    double* sp = sq64.data_ptr<double>();
-    at::parallel_for(0, G * N, 64, [&](int64_t b, int64_t e) {
-      for (int64_t q = b; q < e; ++q) sp[q] = exact_dot(xe_p + q * d, xe_p + q * d, d);
-    });
-    // A finite input has finite fp64 squared norms (barring |x| > 1e154 in fp64 input), so
-    // the NaN/Inf check only needs a full pass when some norm is not finite.
-    if (!all_finite(sq64)) {
-      check_finite(x, "knn_graph: x");
-      TORCH_CHECK(false, "knn_graph: x has values whose squares overflow float64");
-    }
-    const KnnGramInputs in = knn_gram_inputs(xe, metric, sq64.to(xe.scalar_type()));
-    const at::Tensor norms = sq64.sqrt();
     if (G * N * N <= (int64_t(1) << 22)) {
       // Small problems: one batched GEMM, one parallel loop over all rows of all graphs.
       const at::Tensor gram = at::bmm(in.xc, in.xc.transpose(1, 2)).contiguous();
-      knn_rows<acc_t>(xe_p, norms.data_ptr<double>(), gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>(), N, d, k,
+      knn_rows<acc_t>(xs_p, norms.data_ptr<double>(), gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>(), N, d, k,
                       metric, 0, G * N, out.data_ptr<int64_t>());
       return;
     }
@@ -141,7 +122,7 @@ at::Tensor knn_graph_cpu(const at::Tensor& x, int64_t k, c10::string_view metric
       for (int64_t r0 = 0; r0 < N; r0 += R) {
         const int64_t nr = std::min(R, N - r0);
         const at::Tensor gram = at::matmul(in.xc[g].narrow(0, r0, nr), in.xc[g].t()).contiguous();
-        knn_rows<acc_t>(xe_p, norms.data_ptr<double>(), gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>(), N, d, k,
+        knn_rows<acc_t>(xs_p, norms.data_ptr<double>(), gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>(), N, d, k,
                         metric, g * N + r0, nr, out.data_ptr<int64_t>());
       }
     }

@@ -67,12 +67,13 @@ at::Tensor pair_scores_cpu(const at::Tensor& C, const at::Tensor& w1, const at::
   TORCH_CHECK(C.device().is_cpu(), "pair_scores: C must be a CPU tensor for the CPU kernel");
   const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed, "pair_scores");
   const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
-  at::Tensor out = empty_reused({P, Nk, Nk}, C.options());  // every element is written below
-  if (out.numel() == 0) return out;
-  const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  at::Tensor out = empty_reused({P, Nk, Nk}, C.options().dtype(ct));  // every element is written below
+  if (out.numel() == 0) return out.to(C.scalar_type());
+  const at::Tensor Cc = C.to(ct).contiguous(), w1c = w1.to(ct).contiguous(), w2c = w2.to(ct).contiguous();
   const at::Tensor t1 = nbr1.contiguous(), t2 = nbr2.contiguous();
-  const at::Tensor nz = a.has_noise ? noise->to(C.scalar_type()).contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "pair_scores_cpu", [&] {
+  const at::Tensor nz = a.has_noise ? noise->to(ct).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(ct, "pair_scores_cpu", [&] {
     const scalar_t* Cp = Cc.data_ptr<scalar_t>();
     const scalar_t* w1p = w1c.data_ptr<scalar_t>();
     const scalar_t* w2p = w2c.data_ptr<scalar_t>();
@@ -108,7 +109,7 @@ at::Tensor pair_scores_cpu(const at::Tensor& C, const at::Tensor& w1, const at::
       }
     });
   });
-  return out;
+  return out.to(C.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(const at::Tensor& grad, const at::Tensor& C,
@@ -122,10 +123,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(const at
   at::Tensor gw1 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
   at::Tensor gw2 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
   if (P * Nk == 0) return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
-  const at::Tensor g = grad.to(C.scalar_type()).contiguous();
-  const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  const at::Tensor g = grad.to(ct).contiguous();
+  const at::Tensor Cc = C.to(ct).contiguous(), w1c = w1.to(ct).contiguous(), w2c = w2.to(ct).contiguous();
   const at::Tensor t1 = nbr1.contiguous(), t2 = nbr2.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "pair_scores_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(ct, "pair_scores_backward_cpu", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* Cp = Cc.data_ptr<scalar_t>();
     const scalar_t* w1p = w1c.data_ptr<scalar_t>();
@@ -168,7 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_sparse_cpu(
     const at::Tensor& w2, const at::Tensor& nbr1, const at::Tensor& nbr2, double alpha) {
   constexpr const char* op = "pair_scores_backward_sparse";
   TORCH_CHECK(C.device().is_cpu(), op, ": C must be a CPU tensor for the CPU kernel");
-  const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, c10::nullopt, c10::nullopt, op);
+  const PairScoresArgs a =
+      check_pair_scores_args(C, w1, w2, nbr1, nbr2, c10::nullopt, c10::nullopt, op, /*check_values=*/false);
   const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
   TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 2 && indices.size(0) == 3, op,
               ": indices must be int64 [3, nnz] (problem, row e, column f), got ", indices.scalar_type(), " ",
@@ -193,14 +196,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_sparse_cpu(
   at::Tensor gw2 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
   const at::Tensor vd = values.to(at::kDouble).contiguous();
   const double* vp = vd.data_ptr<double>();
-  const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  const at::Tensor Cc = C.to(ct).contiguous(), w1c = w1.to(ct).contiguous(), w2c = w2.to(ct).contiguous();
   const at::Tensor n1 = nbr1.contiguous(), n2 = nbr2.contiguous();
   const int64_t* t1 = n1.data_ptr<int64_t>();
   const int64_t* t2 = n2.data_ptr<int64_t>();
   double* gCp = gC.data_ptr<double>();
   double* gw1p = gw1.data_ptr<double>();
   double* gw2p = gw2.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "pair_scores_backward_sparse_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(ct, "pair_scores_backward_sparse_cpu", [&] {
     const scalar_t* Cp = Cc.data_ptr<scalar_t>();
     const scalar_t* w1p = w1c.data_ptr<scalar_t>();
     const scalar_t* w2p = w2c.data_ptr<scalar_t>();

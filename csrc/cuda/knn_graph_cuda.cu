@@ -1,13 +1,12 @@
 // knn_graph, CUDA kernel: cuBLAS Gram tiles + one thread block per row that selects the
 // C best candidates (C rounds of a block-wide lexicographic arg-min over the row, no
-// sort, no marking), recomputes their exact fp64 distances (one warp per candidate) and
-// keeps the k best. Same algorithm and tie rule as the CPU kernel (knn_graph.h).
+// sort, no marking), recomputes their exact fp64 distances from the scaled input (one warp per
+// candidate) and keeps the k best. Same algorithm and tie rule as the CPU kernel (knn_graph.h).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cfloat>
-#include <type_traits>
 
 #include "knn_graph.h"
 
@@ -59,8 +58,9 @@ __device__ DistIdx<acc_t> block_argmin(acc_t d, int64_t j, DistIdx<acc_t>* scrat
   return r;
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void knn_select_kernel(const scalar_t* __restrict__ x, const double* __restrict__ norms,
+// xs: knn_scaled_input's float64 [G, N, d]; norms: its float64 row norms.
+template <typename acc_t>
+__global__ void knn_select_kernel(const double* __restrict__ xs, const double* __restrict__ norms,
                                   const acc_t* __restrict__ gram, const acc_t* __restrict__ sq, int64_t N,
                                   int64_t d, int64_t k, int64_t C, bool l2, int64_t row0, int64_t nrows,
                                   int64_t* __restrict__ out) {
@@ -69,7 +69,7 @@ __global__ void knn_select_kernel(const scalar_t* __restrict__ x, const double* 
   const int64_t i = row0 + r;
   const acc_t* grow = gram + (g * nrows + r) * N;
   const acc_t* sqg = sq + g * N;
-  const scalar_t* xg = x + g * N * d;
+  const double* xg = xs + g * N * d;
   const double* ng = norms + g * N;
 
   extern __shared__ unsigned char smem_raw[];
@@ -100,13 +100,13 @@ __global__ void knn_select_kernel(const scalar_t* __restrict__ x, const double* 
 
   // Phase 2: exact fp64 distances of the candidates, one warp per candidate.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const scalar_t* xi = xg + i * d;
+  const double* xi = xg + i * d;
   for (int64_t c = warp; c < C; c += kWarps) {
     const int64_t j = cand[c];
-    const scalar_t* xj = xg + j * d;
+    const double* xj = xg + j * d;
     double acc = 0.0;
     for (int64_t t = lane; t < d; t += 32) {
-      const double a = static_cast<double>(xi[t]), b = static_cast<double>(xj[t]);
+      const double a = xi[t], b = xj[t];
       acc += l2 ? (a - b) * (a - b) : a * b;
     }
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
@@ -139,14 +139,15 @@ __global__ void knn_select_kernel(const scalar_t* __restrict__ x, const double* 
 at::Tensor knn_graph_cuda(const at::Tensor& x_in, int64_t k, c10::string_view metric_name) {
   const KnnMetric metric = parse_knn_metric(std::string_view(metric_name.data(), metric_name.size()));
   TORCH_CHECK(x_in.is_cuda(), "knn_graph: x must be a CUDA tensor for the CUDA kernel");
-  check_knn_args(x_in, k);
+  check_knn_args(x_in, k, /*check_values=*/false);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t G = x_in.size(0), N = x_in.size(1), d = x_in.size(2);
   at::Tensor out = at::empty({G, N, k}, x_in.options().dtype(at::kLong));
   if (G == 0) return out;
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor norms = x.to(at::kDouble).norm(2, {-1}).contiguous();
-  const KnnGramInputs in = knn_gram_inputs(x, metric, norms.square().to(knn_compute_dtype(x)));
+  const at::Tensor xs = knn_scaled_input(x_in, metric);  // also the NaN/Inf check of x (one sync)
+  const at::Tensor sq64 = xs.square().sum(-1);
+  const at::Tensor norms = sq64.sqrt().contiguous();
+  const KnnGramInputs in = knn_gram_inputs(xs, metric, sq64, knn_compute_dtype(x_in));
   const int64_t C = knn_num_candidates(k, N);
   // Row blocks across all graphs bound the Gram buffer to ~2^26 entries.
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 26) / (G * N)));
@@ -154,14 +155,14 @@ at::Tensor knn_graph_cuda(const at::Tensor& x_in, int64_t k, c10::string_view me
   TORCH_CHECK(smem <= 48 * 1024, "knn_graph: k = ", k, " is too large for the CUDA kernel (k + ", kKnnSlack,
               " candidates must fit in shared memory)");
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "knn_graph_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  AT_DISPATCH_FLOATING_TYPES(in.xc.scalar_type(), "knn_graph_cuda", [&] {
+    using acc_t = scalar_t;
     for (int64_t r0 = 0; r0 < N; r0 += R) {
       const int64_t nr = std::min(R, N - r0);
       const at::Tensor gram = at::matmul(in.xc.narrow(1, r0, nr), in.xc.transpose(1, 2)).contiguous();
       const dim3 grid(static_cast<unsigned>(nr), static_cast<unsigned>(G));
-      knn_select_kernel<scalar_t, acc_t><<<grid, kThreads, smem, stream>>>(
-          x.data_ptr<scalar_t>(), norms.data_ptr<double>(), gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>(), N, d,
+      knn_select_kernel<acc_t><<<grid, kThreads, smem, stream>>>(
+          xs.data_ptr<double>(), norms.data_ptr<double>(), gram.data_ptr<acc_t>(), in.sq.data_ptr<acc_t>(), N, d,
           k, C, metric == KnnMetric::L2, r0, nr, out.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

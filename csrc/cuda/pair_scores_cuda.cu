@@ -45,13 +45,14 @@ at::Tensor pair_scores_cuda(const at::Tensor& C, const at::Tensor& w1, const at:
                             double noise_scale, const c10::optional<at::Tensor>& noise_seed) {
   const c10::cuda::CUDAGuard guard(C.device());
   const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed, "pair_scores");
-  at::Tensor out = at::empty({a.P, a.Nk, a.Nk}, C.options());
-  if (out.numel() == 0) return out;
-  const at::Tensor Cc = C.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  at::Tensor out = at::empty({a.P, a.Nk, a.Nk}, C.options().dtype(ct));
+  if (out.numel() == 0) return out.to(C.scalar_type());
+  const at::Tensor Cc = C.to(ct).contiguous(), w1c = w1.to(ct).contiguous(), w2c = w2.to(ct).contiguous();
   const at::Tensor t1 = nbr1.contiguous(), t2 = nbr2.contiguous();
-  const at::Tensor nz = a.has_noise ? noise->to(C.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor nz = a.has_noise ? noise->to(ct).contiguous() : at::Tensor();
   const int64_t blocks = std::min<int64_t>((out.numel() + kPairThreads - 1) / kPairThreads, 65535 * 8);
-  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "pair_scores_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(ct, "pair_scores_cuda", [&] {
     pair_scores_kernel<scalar_t><<<static_cast<unsigned>(blocks), kPairThreads, 0,
                                    c10::cuda::getCurrentCUDAStream()>>>(
         Cc.data_ptr<scalar_t>(), w1c.data_ptr<scalar_t>(), w2c.data_ptr<scalar_t>(), t1.data_ptr<int64_t>(),
@@ -60,7 +61,7 @@ at::Tensor pair_scores_cuda(const at::Tensor& C, const at::Tensor& w1, const at:
         a.has_seed ? a.seeds.data_ptr<int64_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return out.to(C.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cuda(const at::Tensor& grad, const at::Tensor& C,
@@ -69,7 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cuda(const a
                                                                          const at::Tensor& nbr2, double alpha) {
   const c10::cuda::CUDAGuard guard(C.device());
   check_pair_scores_backward_args(grad, C, w1, w2, nbr1, nbr2);
-  return pair_scores_backward_aten(grad, C, w1, w2, nbr1, nbr2, alpha);
+  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  const auto [gC, gw1, gw2] = pair_scores_backward_aten(grad, C.to(ct), w1.to(ct), w2.to(ct), nbr1, nbr2, alpha);
+  return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
 }
 
 }  // namespace

@@ -30,12 +30,17 @@ def pairwise_distance(x: torch.Tensor, metric: str) -> torch.Tensor:
 def knn_graph(x: torch.Tensor, k: int, metric: str = "l2") -> torch.Tensor:
     """For each node of each graph, its k nearest other nodes, nearest first, ties by lower index.
 
-    x: [G, N, d] float. Returns int64 [G, N, k].
+    x: [G, N, d] float. Returns int64 [G, N, k]. Computed in float64 (whatever x's dtype), on each graph
+    scaled by the power of two that brings its largest |x| into [1/2, 1): exact, and it scales all of the
+    graph's distances alike (l2) or not at all (cosine), but no square overflows or underflows, however
+    large or small x is.
     """
     G, N, _ = x.shape
     if G == 0:
         return torch.empty(0, N, k, dtype=torch.long, device=x.device)
-    dist = pairwise_distance(x.double() if x.dtype in (torch.float16, torch.bfloat16) else x, metric)
+    x = x.double()
+    exponent = torch.frexp(x.abs().amax(dim=(1, 2), keepdim=True)).exponent.clamp(-1022, 1022)
+    dist = pairwise_distance(torch.ldexp(x, -exponent), metric)
     dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
     # A stable sort keeps equal distances in index order: the lower index wins ties.
     return torch.sort(dist, dim=-1, stable=True).indices[..., :k].contiguous()

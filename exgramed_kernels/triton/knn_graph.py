@@ -1,9 +1,11 @@
 """knn_graph as one fused Triton kernel: distance tile by `tl.dot`, k rounds of row arg-min.
 
 Each program owns BLOCK_M rows of one graph and keeps their whole distance rows in
-registers, so the distance matrix never touches memory. Distances are fp32 Gram-form
-(no fp64 refinement, unlike the C++ kernels): neighbours closer than fp32 GEMM rounding
-may swap. Exact duplicates tie exactly and resolve to the lower index. N <= 4096.
+registers, so the distance matrix never touches memory. Distances are fp32 Gram-form of the
+input scaled by a power of two (per graph for l2, per row for cosine; ``scaled_input``), so no
+square overflows or underflows whatever the input's magnitude; no fp64 refinement, unlike the
+C++ kernels: neighbours closer than fp32 GEMM rounding may swap. Exact duplicates tie exactly
+and resolve to the lower index. N <= 4096.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..checks import check_knn_args
+from ..checks import check_knn_args, is_concrete
 
 MAX_N = 4096
 
@@ -51,6 +53,19 @@ def _knn_kernel(
         dist = tl.where(colmat == j[:, None], float("inf"), dist)
 
 
+def scaled_input(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """``x * 2^-e`` in float64, ``e`` the exponent of the largest ``|x|`` of each graph (l2: a graph's distances
+    all scale by ``2^-2e``) or of each row (cosine: scale-free), so that each such largest entry lies in
+    ``[1/2, 1)``; exact, as the C++ kernels' ``knn_scaled_input`` (csrc/knn_graph.h). Raises for NaN or Inf
+    in x, found by the same reduction, when x holds values."""
+    amax = x.abs().amax(dim=(1, 2) if metric == "l2" else 2, keepdim=True).double()
+    if is_concrete(x) and not bool(torch.isfinite(amax).all()):
+        raise RuntimeError("knn_graph: x contains NaN or Inf")
+    # amax = m 2^e, m in [1/2, 1); 2^-e built from its float64 bits (biased exponent 1023 - e, zero mantissa).
+    e = torch.frexp(amax).exponent.long().clamp(-1023, 1022)
+    return x.double() * ((1023 - e) * (1 << 52)).view(torch.float64)
+
+
 @triton_op("exgramed_triton::knn_graph", mutates_args=())
 def knn_graph_triton(x: torch.Tensor, k: int, metric: str = "l2") -> torch.Tensor:
     """Triton kernel of :func:`exgramed_kernels.knn_graph` (same contract; N <= 4096)."""
@@ -61,11 +76,11 @@ def knn_graph_triton(x: torch.Tensor, k: int, metric: str = "l2") -> torch.Tenso
     out = torch.empty((G, N, k), dtype=torch.long, device=x.device)
     if G == 0:
         return out
-    xc = x.float()
+    xs = scaled_input(x, metric)
     if metric == "cosine":
-        norm = xc.norm(dim=-1, keepdim=True)
-        xc = torch.where(norm > 0, xc / norm.clamp_min(1e-30), torch.zeros_like(xc))
-    xc = xc.contiguous()
+        norm = xs.norm(dim=-1, keepdim=True)  # >= 1/2, or 0 for a zero row
+        xs = torch.where(norm > 0, xs / norm.clamp_min(0.5), torch.zeros_like(xs))
+    xc = xs.float().contiguous()
     sq = (xc * xc).sum(-1).contiguous()
     block_n = max(16, triton.next_power_of_2(N))
     block_m = 16 if block_n <= 1024 else 8
