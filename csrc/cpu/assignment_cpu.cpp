@@ -315,9 +315,9 @@ inline void cost_row(const LapWorkspace& ws, int64_t i, double* out) {
              out);
 }
 
-// The m cheapest columns of row i by h_j = c_j - v_j (ties: the lower index), ascending, into the row's
-// candidate slots; theta_i = the next smallest (+inf when every column is a candidate). Returns h of the
-// cheapest. Blocks of eight are skipped when none is below the current m-th smallest + 1.
+// The m (<= kCandidates) cheapest columns of a row (costs c) by h_j = c_j - v_j (ties: the lower index),
+// ascending, into cols / costs; *theta = the next smallest (+inf when every column is a candidate).
+// A block of eight is skipped when none of it is below the (m+1)-th smallest so far.
 EXGRAMED_MULTIVERSION void select_row(const double* c, const double* v, int64_t n, int64_t m, int32_t* cols,
                                       double* costs, double* theta) {
   const int64_t keep = std::min(n, m + 1);  // the m candidates and the bound
@@ -483,7 +483,7 @@ struct CandidateSolve {
     }
   }
 
-  // Relax column j from a row at distance base with cost cj (j not yet reached).
+  // Column j (not yet reached) at tentative distance r through row i.
   inline void relax(int64_t i, int64_t j, double r) {
     double& s = ws.spc[j];
     if (r < s) {
