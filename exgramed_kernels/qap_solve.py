@@ -153,7 +153,8 @@ def qap_solve(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_iter=30,
 def _resolve(U, nbr1, nbr2, Q, H1, H2, ctx):
     """The backward's re-solve at perturbed unary scores U, with the forward's solver settings (same starts
     and seed), cold: a re-solve warm-started from the forward matching stays near it and shrinks the
-    gradient (docs/align.md)."""
+    gradient (docs/align.md). Q is the forward's tensor itself: the CPU kernel then reuses the forward's
+    gradient at the barycenter (it depends on Q alone) instead of another dense pass over Q."""
     # The forward ignores the estimator; "imle" is the value every solver build accepts.
     return torch.ops.exgramed.qap_solve(
         U, nbr1, nbr2, Q, H1, H2, ctx.method, ctx.max_iter, ctx.tol, ctx.restarts, ctx.partial,

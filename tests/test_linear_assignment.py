@@ -57,6 +57,30 @@ def test_large_n_1024(device):
     _check_optimal(ints, ek.linear_assignment(ints.to(device), False), False)
 
 
+@pytest.mark.parametrize("kind", ["rand", "int", "equal", "lowrank", "shared"])
+@pytest.mark.parametrize("N", [511, 512, 600])
+def test_candidate_solve_vs_scipy(kind, N):
+    """From N = 512 on the CPU solves on a few candidate columns per row (the others bounded, expanded on
+    demand): exact on ties and when every row prefers the same columns ("shared": s_ij = a_j + small noise,
+    long augmenting paths that expand many rows), and independent of the batch and the thread count."""
+    gen = torch.Generator().manual_seed(N + len(kind))
+    if kind == "shared":
+        score = torch.rand(2, 1, N, dtype=torch.float64, generator=gen) * 100 + torch.rand(2, N, N, dtype=torch.float64,
+                                                                                           generator=gen)
+    else:
+        score = _scores(kind, 2, N, gen)
+    for maximize in (True, False):
+        cols = ek.linear_assignment(score, maximize)
+        _check_optimal(score, cols, maximize)
+        assert torch.equal(ek.linear_assignment(score[1:].contiguous(), maximize)[0], cols[1])
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(ek.linear_assignment(score, maximize), cols)
+        finally:
+            torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_inputs(device, dtype):

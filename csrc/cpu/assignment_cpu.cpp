@@ -287,14 +287,384 @@ void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
   }
 }
 
+// ------------------------------------------------------------------------------ the candidate solve
+//
+// The same shortest-augmenting-path solve, on a few candidate columns per row. One pass over each row
+// (its costs formed into a buffer, then reduced by the warm column potentials) keeps the m cheapest
+// columns by reduced cost h_ij = c_ij - v_j and theta_i, the (m+1)-th smallest: every other column of
+// the row has h_ij >= theta_i. The potentials v only decrease during a solve (the augmenting row
+// reduction and the dual update after each search lower them), so that bound stays valid to the end.
+// Every step of the dense solve then runs on the candidates, with the bound standing in for the rest:
+//   - row minima (row reduction, augmenting row reduction, u of free rows): a candidate minimum
+//     <= theta_i is the row's; otherwise the row is re-selected against the current v;
+//   - shortest paths: a scanned row i offers its non-candidate columns at distance >= base_i + theta_i;
+//     while that is below the nearest tentative column, the row is relaxed over all its columns
+//     (lazy expansion), so every column leaves the search at its exact distance.
+// Hence the duals satisfy c_ij - u_i - v_j >= 0 on all n^2 pairs, tight on the assignment: the result
+// is an optimal assignment (among equally good ones it may pick another than the dense solve), and
+// the n x n cost matrix is never formed. The search's frontier is a heap over the touched columns, so
+// a scan costs O(m log) instead of the dense solve's O(n) pass: the gain when the augmenting paths
+// are short (uniform random scores: few scanned rows, rare expansions); long paths expand many rows.
+
+constexpr int64_t kCandidates = 16;
+
+// costs of row i into out (form_costs on one row: the same rounding as the dense matrix).
+inline void cost_row(const LapWorkspace& ws, int64_t i, double* out) {
+  const int64_t n = ws.n;
+  form_costs(ws.score + i * n, ws.score2 == nullptr ? nullptr : ws.score2 + i * n, ws.scale2, n, ws.sign, ws.clamp,
+             out);
+}
+
+// The m (<= kCandidates) cheapest columns of a row (costs c) by h_j = c_j - v_j (ties: the lower index),
+// ascending, into cols / costs; *theta = the next smallest (+inf when every column is a candidate).
+// A block of eight is skipped when none of it is below the (m+1)-th smallest so far.
+EXGRAMED_MULTIVERSION void select_row(const double* c, const double* v, int64_t n, int64_t m, int32_t* cols,
+                                      double* costs, double* theta) {
+  const int64_t keep = std::min(n, m + 1);  // the m candidates and the bound
+  double hv[kCandidates + 1];
+  int64_t hj[kCandidates + 1];
+  int64_t cnt = 0;
+  double thr = kInf;  // h of the keep-th smallest so far (+inf until keep are held)
+  auto insert = [&](double h, int64_t j) {
+    if (cnt == keep && !(h < thr)) return;  // ties keep the earlier (lower) index
+    int64_t pos = cnt < keep ? cnt++ : keep - 1;
+    while (pos > 0 && h < hv[pos - 1]) {
+      hv[pos] = hv[pos - 1];
+      hj[pos] = hj[pos - 1];
+      --pos;
+    }
+    hv[pos] = h;
+    hj[pos] = j;
+    if (cnt == keep) thr = hv[keep - 1];
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    quad h0, h1;
+    reduced8(c, v, j, h0, h1);
+    const quad tq = {thr, thr, thr, thr};
+    const auto lt = (h0 < tq) | (h1 < tq);
+    if ((lt[0] | lt[1] | lt[2] | lt[3]) == 0) continue;
+    for (int l = 0; l < 4; ++l) insert(h0[l], j + l);
+    for (int l = 0; l < 4; ++l) insert(h1[l], j + 4 + l);
+  }
+  for (; j < n; ++j) insert(c[j] - v[j], j);
+  const int64_t mm = std::min(n, m);
+  for (int64_t s = 0; s < mm; ++s) {
+    cols[s] = static_cast<int32_t>(hj[s]);
+    costs[s] = c[hj[s]];
+  }
+  *theta = n > m ? hv[m] : kInf;
+}
+
+struct CandidateSolve {
+  LapWorkspace& ws;
+  int64_t n, m;
+
+  int64_t ncand() const { return std::min(n, m); }
+
+  void select(int64_t i) {
+    cost_row(ws, i, ws.rowbuf.data());
+    select_row(ws.rowbuf.data(), ws.v.data(), n, m, ws.cand.data() + i * m, ws.cand_cost.data() + i * m,
+               ws.theta.data() + i);
+  }
+
+  // The two smallest reduced costs of row i and their first columns, as reduced_min2 over the whole row.
+  void row_min2(int64_t i, double* u1, int64_t* j1, double* u2, int64_t* j2) {
+    for (int attempt = 0;; ++attempt) {
+      const int32_t* cl = ws.cand.data() + i * m;
+      const double* cc = ws.cand_cost.data() + i * m;
+      double a = kInf, b = kInf;
+      int64_t ja = -1, jb = -1;
+      for (int64_t s = 0; s < ncand(); ++s) {
+        const int64_t j = cl[s];
+        const double h = cc[s] - ws.v[j];
+        if (ja < 0 || h < a || (h == a && j < ja)) {
+          b = a;
+          jb = ja;
+          a = h;
+          ja = j;
+        } else if (jb < 0 || h < b || (h == b && j < jb)) {
+          b = h;
+          jb = j;
+        }
+      }
+      // Exact when both lie strictly below the bound (or the row has no other columns); a tie with
+      // the bound could hide a lower index among the others.
+      const double th = ws.theta[i];
+      if (th == kInf || (a < th && b < th) || attempt > 0) {
+        if (attempt > 0 && !(th == kInf || (a < th && b < th))) {  // re-selected and still unsure: whole row
+          cost_row(ws, i, ws.rowbuf.data());
+          reduced_min2(ws.rowbuf.data(), ws.v.data(), n, u1, j1, u2, j2);
+          return;
+        }
+        *u1 = a;
+        *j1 = ja;
+        *u2 = b;
+        *j2 = jb;
+        return;
+      }
+      select(i);
+    }
+  }
+
+  // min_j h_ij of row i (its first column in *arg).
+  double row_min(int64_t i, int64_t* arg) {
+    for (int attempt = 0;; ++attempt) {
+      const int32_t* cl = ws.cand.data() + i * m;
+      const double* cc = ws.cand_cost.data() + i * m;
+      double a = kInf;
+      int64_t ja = -1;
+      for (int64_t s = 0; s < ncand(); ++s) {
+        const int64_t j = cl[s];
+        const double h = cc[s] - ws.v[j];
+        if (ja < 0 || h < a || (h == a && j < ja)) {
+          a = h;
+          ja = j;
+        }
+      }
+      if (a <= ws.theta[i] || attempt > 0) {
+        if (!(a <= ws.theta[i])) {
+          cost_row(ws, i, ws.rowbuf.data());
+          return reduced_min_first(ws.rowbuf.data(), ws.v.data(), n, arg);
+        }
+        *arg = ja;
+        return a;
+      }
+      select(i);
+    }
+  }
+
+  // The augmenting row reduction of the dense solve (augmenting_row_reduction), on the candidates.
+  void augmenting_row_reduction() {
+    double* v = ws.v.data();
+    std::vector<int64_t>& free_rows = ws.free_rows;
+    std::vector<int64_t>& next = ws.next_rows;
+    free_rows.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      if (ws.col4row[i] < 0) free_rows.push_back(i);
+    }
+    for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
+      next.clear();
+      size_t k = 0;
+      int64_t budget = n;
+      while (k < free_rows.size()) {
+        const int64_t i = free_rows[k++];
+        int64_t j1 = -1, j2 = -1;
+        double u1, u2;
+        row_min2(i, &u1, &j1, &u2, &j2);
+        int64_t i0 = ws.row4col[j1];
+        const bool gap = u1 < u2 && j2 >= 0;
+        if (gap) {
+          v[j1] -= (u2 - u1);
+        } else if (i0 >= 0 && j2 >= 0) {
+          j1 = j2;
+          i0 = ws.row4col[j2];
+        }
+        ws.row4col[j1] = i;
+        ws.col4row[i] = j1;
+        if (i0 >= 0) {
+          ws.col4row[i0] = -1;
+          if (gap && budget-- > 0) {
+            free_rows[--k] = i0;
+          } else {
+            next.push_back(i0);
+          }
+        }
+      }
+      free_rows.swap(next);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if (ws.col4row[i] >= 0) {
+        ws.u[i] = ws.cost_at(i, ws.col4row[i]) - v[ws.col4row[i]];
+      } else {
+        int64_t j = -1;
+        ws.u[i] = row_min(i, &j);
+      }
+    }
+  }
+
+  // Column j (not yet reached) at tentative distance r through row i.
+  inline void relax(int64_t i, int64_t j, double r) {
+    double& s = ws.spc[j];
+    if (r < s) {
+      if (s == kInf) ws.todo.push_back(j);  // touched: reset after the search
+      s = r;
+      ws.path[j] = i;
+      heap_push(r, j);
+    }
+  }
+
+  // The search's frontier: a binary min-heap of (distance, busy, column) -- busy = the column is
+  // assigned, so at equal distance a free column comes first, then the lowest index (the dense
+  // solve's rule). A column whose distance dropped has stale entries, skipped when popped.
+  struct HeapEntry {
+    double d;
+    int64_t key;  // busy * 2^32 + j
+  };
+  std::vector<HeapEntry> heap;
+  static bool later(const HeapEntry& a, const HeapEntry& b) { return a.d > b.d || (a.d == b.d && a.key > b.key); }
+  void heap_push(double d, int64_t j) {
+    heap.push_back({d, (ws.row4col[j] >= 0 ? (int64_t(1) << 32) : 0) + j});
+    std::push_heap(heap.begin(), heap.end(), later);
+  }
+  // The nearest live column (-1 if none), without removing it.
+  int64_t heap_top(double* d) {
+    while (!heap.empty()) {
+      const HeapEntry& t = heap.front();
+      const int64_t j = t.key & 0xffffffffll;
+      if (ws.spc[j] == t.d) {
+        *d = t.d;
+        return j;
+      }
+      std::pop_heap(heap.begin(), heap.end(), later);  // stale (reached, or improved since)
+      heap.pop_back();
+    }
+    *d = kInf;
+    return -1;
+  }
+
+  // All columns of row i (the lazy expansion, or a row whose candidates are all of its columns).
+  void relax_row_dense(int64_t i, double base) {
+    cost_row(ws, i, ws.rowbuf.data());
+    const double* c = ws.rowbuf.data();
+    const double* v = ws.v.data();
+    for (int64_t j = 0; j < n; ++j) {
+      const double s = ws.spc[j];
+      if (s != s) continue;  // reached
+      relax(i, j, base + c[j] - v[j]);
+    }
+  }
+
+  // One shortest-path search from the free row cur and its augmentation (lap_impl's loop body).
+  void augment_from(int64_t cur) {
+    double* spc = ws.spc.data();
+    double* dist = ws.dist.data();
+    double* u = ws.u.data();
+    double* v = ws.v.data();
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    ws.todo.clear();
+    heap.clear();
+    ws.reached.clear();
+    ws.scanned_rows.clear();
+    ws.pending_lb.clear();
+    ws.pending_base.clear();
+    ws.pending_row.clear();
+    double pend_min = kInf;  // min over pending rows of their bound
+    int64_t pend_arg = -1;   // its slot in the pending lists
+    double min_val = 0.0;
+    int64_t i = cur, sink = -1;
+    while (sink < 0) {
+      ws.scanned_rows.push_back(i);
+      const double base = min_val - u[i];
+      if (ws.theta[i] == kInf) {
+        relax_row_dense(i, base);  // every column is a candidate
+      } else {
+        const int32_t* cl = ws.cand.data() + i * m;
+        const double* cc = ws.cand_cost.data() + i * m;
+        for (int64_t s = 0; s < ncand(); ++s) {
+          const int64_t j = cl[s];
+          if (spc[j] != spc[j]) continue;
+          relax(i, j, base + cc[s] - v[j]);
+        }
+        const double lb = base + ws.theta[i];
+        ws.pending_lb.push_back(lb);
+        ws.pending_base.push_back(base);
+        ws.pending_row.push_back(i);
+        if (lb < pend_min) {
+          pend_min = lb;
+          pend_arg = static_cast<int64_t>(ws.pending_lb.size()) - 1;
+        }
+      }
+      // The nearest tentative column (ties: a free one, then the lowest index); rows whose other
+      // columns could be nearer are expanded first.
+      double best = kInf;
+      int64_t j = heap_top(&best);
+      while (pend_arg >= 0 && pend_min < best) {
+        ws.pending_lb[pend_arg] = kInf;
+        relax_row_dense(ws.pending_row[pend_arg], ws.pending_base[pend_arg]);
+        pend_min = kInf;
+        pend_arg = -1;
+        for (size_t t = 0; t < ws.pending_lb.size(); ++t) {
+          if (ws.pending_lb[t] < pend_min) {
+            pend_min = ws.pending_lb[t];
+            pend_arg = static_cast<int64_t>(t);
+          }
+        }
+        j = heap_top(&best);
+      }
+      TORCH_CHECK(j >= 0 && best < kInf, "linear_assignment: no finite assignment exists");
+      std::pop_heap(heap.begin(), heap.end(), later);
+      heap.pop_back();
+      min_val = best;
+      dist[j] = best;
+      spc[j] = nan;  // reached
+      ws.reached.push_back(j);
+      if (ws.row4col[j] < 0) {
+        sink = j;
+      } else {
+        i = ws.row4col[j];
+      }
+    }
+    u[cur] += min_val;
+    for (const int64_t r : ws.scanned_rows) {
+      if (r != cur) u[r] += min_val - dist[ws.col4row[r]];
+    }
+    for (const int64_t j : ws.reached) v[j] -= min_val - dist[j];
+    for (const int64_t j : ws.todo) spc[j] = kInf;  // every touched column (the reached ones too)
+    int64_t j = sink;
+    while (true) {
+      const int64_t r = ws.path[j];
+      ws.row4col[j] = r;
+      const int64_t prev = ws.col4row[r];
+      ws.col4row[r] = j;
+      j = prev;
+      if (r == cur) break;
+    }
+  }
+
+  void run(bool row_reduction) {
+    ws.cand.resize(n * m);
+    ws.cand_cost.resize(n * m);
+    ws.theta.resize(n);
+    ws.rowbuf.resize(n);
+    // Row reduction against v on the fresh candidates (their first is the row's minimum), with greedy
+    // tight assignments.
+    for (int64_t i = 0; i < n; ++i) {
+      select(i);
+      const int64_t bj = ws.cand[i * m];
+      ws.u[i] = ws.cand_cost[i * m] - ws.v[bj];
+      if (ws.row4col[bj] < 0) {
+        ws.row4col[bj] = i;
+        ws.col4row[i] = bj;
+      }
+    }
+    if (row_reduction) augmenting_row_reduction();
+    std::fill(ws.spc.begin(), ws.spc.end(), kInf);
+    for (int64_t cur = 0; cur < n; ++cur) {
+      if (ws.col4row[cur] < 0) augment_from(cur);
+    }
+  }
+};
+
 void lap_impl(const double* score, const double* score2, double scale2, int64_t n, bool maximize,
-              bool clamp_positive, LapWorkspace& ws, bool warm, bool row_reduction) {
+              bool clamp_positive, LapWorkspace& ws, bool warm, bool row_reduction, bool candidates) {
   ws.resize(n);
-  double* cm = ws.cost.data();
-  form_costs(score, score2, scale2, n * n, maximize ? -1.0 : 1.0, clamp_positive, cm);
+  ws.score = score;
+  ws.score2 = score2;
+  ws.scale2 = scale2;
+  ws.sign = maximize ? -1.0 : 1.0;
+  ws.clamp = clamp_positive;
   if (!warm) std::fill(ws.v.begin(), ws.v.end(), 0.0);
   std::fill(ws.col4row.begin(), ws.col4row.end(), -1);
   std::fill(ws.row4col.begin(), ws.row4col.end(), -1);
+  ws.dense = !candidates;
+  if (candidates) {
+    CandidateSolve{ws, n, kCandidates}.run(row_reduction);
+    return;
+  }
+  ws.cost.resize(n * n);
+  double* cm = ws.cost.data();
+  form_costs(score, score2, scale2, n * n, ws.sign, clamp_positive, cm);
   double* u = ws.u.data();
   double* v = ws.v.data();
   double* spc = ws.spc.data();
@@ -352,13 +722,13 @@ void lap_impl(const double* score, const double* score2, double scale2, int64_t 
 }  // namespace
 
 void lap_solve(const double* score, int64_t n, bool maximize, bool clamp_positive, LapWorkspace& ws, bool warm,
-               bool row_reduction) {
-  lap_impl(score, nullptr, 1.0, n, maximize, clamp_positive, ws, warm, row_reduction);
+               bool row_reduction, bool candidates) {
+  lap_impl(score, nullptr, 1.0, n, maximize, clamp_positive, ws, warm, row_reduction, candidates);
 }
 
 void lap_solve_sum(const double* score, const double* score2, int64_t n, bool maximize, bool clamp_positive,
                    LapWorkspace& ws, bool warm, bool row_reduction, double scale2) {
-  lap_impl(score, score2, scale2, n, maximize, clamp_positive, ws, warm, row_reduction);
+  lap_impl(score, score2, scale2, n, maximize, clamp_positive, ws, warm, row_reduction, false);
 }
 
 }  // namespace exgramed

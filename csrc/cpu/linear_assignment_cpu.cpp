@@ -1,5 +1,6 @@
 // linear_assignment, CPU kernel: one shortest-augmenting-path solve (assignment.h) per
-// problem, problems in parallel.
+// problem, problems in parallel: Jonker-Volgenant's augmenting row reduction first, and from
+// kLapCandidatesMinN on the solve on candidate columns.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -25,7 +26,8 @@ at::Tensor linear_assignment_cpu(const at::Tensor& score, bool maximize) {
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     LapWorkspace ws;
     for (int64_t g = g0; g < g1; ++g) {
-      lap_solve(sp + g * N * N, N, maximize, /*clamp_positive=*/false, ws, /*warm=*/false);
+      lap_solve(sp + g * N * N, N, maximize, /*clamp_positive=*/false, ws, /*warm=*/false, /*row_reduction=*/true,
+                /*candidates=*/N >= kLapCandidatesMinN);
       std::copy(ws.col4row.begin(), ws.col4row.end(), op + g * N);
     }
   });

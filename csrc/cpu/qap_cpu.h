@@ -202,10 +202,9 @@ template <typename qt>
 void vertex_oracle(const Problem<qt>& p, const double* S1, const double* S2, Work& w, bool warm, int64_t* perm,
                    double scale2 = 1.0) {
   lap_solve_sum(S1, S2, p.N, /*maximize=*/true, p.partial, w.lap, warm, /*row_reduction=*/true, scale2);
-  const double* cost = w.lap.cost.data();
   for (int64_t i = 0; i < p.N; ++i) {
     const int64_t j = w.lap.col4row[i];
-    perm[i] = (p.partial && !(cost[i * p.N + j] < 0)) ? -1 : j;
+    perm[i] = (p.partial && !(w.lap.cost_at(i, j) < 0)) ? -1 : j;
   }
 }
 
