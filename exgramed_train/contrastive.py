@@ -1,6 +1,6 @@
 """Auxiliary stage-2 losses next to the multi-graph alignment: InfoNCE, SigLIP, none, and ablations.
 
-The data-efficiency study (``benchmarks/data_efficiency.py``) compares, on the
+The data-efficiency study (``experiments/data_efficiency.py``) compares, on the
 same pooled embeddings the alignment sees (``x: [K, B, d]``; row 0 the
 mean-pooled projected image patches, row 1 the pooled raw response, row 2 the
 pooled extended response):

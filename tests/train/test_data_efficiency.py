@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/data_efficiency.py on a few demo records: every arm reaches the table."""
+"""Smoke run of experiments/data_efficiency.py on a few demo records: every arm reaches the table."""
 import importlib.util
 import json
 from pathlib import Path
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def de():
-    spec = importlib.util.spec_from_file_location("data_efficiency", ROOT / "benchmarks" / "data_efficiency.py")
+    spec = importlib.util.spec_from_file_location("data_efficiency", ROOT / "experiments" / "data_efficiency.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
