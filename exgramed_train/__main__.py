@@ -101,7 +101,8 @@ def _main(argv=None) -> int:
     s2.add_argument("--official-pooling", action="store_true", help="mean-pool over pads too (official code)")
     s2.add_argument("--align-option", action="append", metavar="KEY=VALUE",
                     help="an option of the auxiliary loss, repeatable: for the alignment any AlignConfig field "
-                         "(exgramed_kernels/config.py) or official, graph_scope, bias, modalities, message_passing")
+                         "(exgramed_kernels/config.py) or official, graph_scope, bias, modalities, message_passing, "
+                         "standardize")
     s2.add_argument("--aux-loss", choices=["alignment", "infonce", "siglip", "none"], default="alignment",
                     help="auxiliary loss added with weight --alpha (see exgramed_train/contrastive.py)")
     s2.add_argument("--tune-vision", action="store_true")
