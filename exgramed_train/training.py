@@ -276,7 +276,7 @@ def train(cfg: TrainConfig, model_factory) -> dict:
         for _ in range(len(batches) // cfg.grad_accum):
             t0 = time.perf_counter()
             acc = {"loss": 0.0, "ar_loss": 0.0, "align_loss": 0.0, "align_timing": [], "align_grad": [],
-                   "accuracy": None, "split": None}
+                   "accuracy": None, "split": None, "stats_time": 0.0}
             measure = align and cfg.grad_stats_every > 0 and step % cfg.grad_stats_every == 0
             for j in range(cfg.grad_accum):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(it).items()}
@@ -287,11 +287,15 @@ def train(cfg: TrainConfig, model_factory) -> dict:
                         r = ddp(batch, align=align)
                     aux_grads = None
                     if measure and j == 0 and r["align_loss"].requires_grad:
+                        ts = _clock(device)
                         aux_grads = torch.autograd.grad(r["align_loss"] * (model.spec.alpha / cfg.grad_accum),
                                                         params, retain_graph=True, allow_unused=True)
+                        acc["stats_time"] += _clock(device) - ts
                     (r["loss"] / cfg.grad_accum).backward()
                 if aux_grads is not None:
+                    ts = _clock(device)
                     acc["split"] = _split_grad_norms(params, aux_grads, cfg.grad_accum, synced, own)
+                    acc["stats_time"] += _clock(device) - ts
                 acc["loss"] += r["loss"].item() / cfg.grad_accum
                 acc["ar_loss"] += r["ar_loss"].item() / cfg.grad_accum
                 if align:
@@ -309,7 +313,9 @@ def train(cfg: TrainConfig, model_factory) -> dict:
                 with torch.no_grad():
                     emb[:n_base] = frozen_rows
             step += 1
-            rec = _step_record(cfg, step, epoch, sched, acc, time.perf_counter() - t0, distributed, device)
+            # the step's own time: the gradient statistics' extra backward is logged apart (grad_stats_time)
+            rec = _step_record(cfg, step, epoch, sched, acc, time.perf_counter() - t0 - acc["stats_time"],
+                               distributed, device)
             if rank == 0:
                 _append_jsonl(log_path, rec)
                 bar.update(1)
@@ -328,6 +334,13 @@ def train(cfg: TrainConfig, model_factory) -> dict:
         dist.barrier()
     return {"steps": step, "total_steps": total, "interrupted": interrupted, "log": str(log_path),
             "model": None if interrupted else str(out / "model")}
+
+
+def _clock(device) -> float:
+    """``time.perf_counter()`` after the device finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _split_grad_norms(params, aux_grads, grad_accum: int, synced: bool, own: set) -> tuple[float, float, float]:
@@ -379,7 +392,7 @@ def _step_record(cfg, step, epoch, sched, acc, step_time, distributed, device) -
             "loss": loss, "ar_loss": ar, "align_loss": al,
             "accuracy": None if accuracy is None else [round(x, 6) for x in accuracy.tolist()],
             "step_time": st, "align_time": at, "align_share": at / st if st > 0 else 0.0,
-            "grad_norm": acc["grad_norm"], "align_grad_zero": opt(zero), "align_grad_x": opt(x_norm),
+            "grad_stats_time": acc["stats_time"], "grad_norm": acc["grad_norm"], "align_grad_zero": opt(zero), "align_grad_x": opt(x_norm),
             "ar_grad_norm": opt(ar_norm), "aux_grad_norm": opt(aux_norm), "aux_grad_norm_shared": opt(shared_norm),
             "grad_ratio": opt(aux_norm / ar_norm) if ar_norm > 0 else None}
 

@@ -99,6 +99,7 @@ def test_stage2_logs_the_auxiliary_gradient_without_changing_training(tmp_path, 
         # the two parts add up to the total (the clip at 1.0 acts after the norm is taken)
         assert r["grad_norm"] <= r["ar_grad_norm"] + r["aux_grad_norm"] + 1e-6
     assert [r["grad_ratio"] is None for r in plain] == [False, True, False]  # steps 1 and 3
+    assert [r["grad_stats_time"] > 0 for r in plain] == [True, False, True]  # logged apart from step_time
     for r in run(1, "none", "c"):  # AR only: the auxiliary gradient is exactly zero, AR's is the total
         assert r["align_grad_zero"] == 1.0 and r["aux_grad_norm"] == 0.0 and r["grad_ratio"] == 0.0
         assert r["ar_grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-6)
