@@ -35,6 +35,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--grad-stats-every", type=int, default=10, metavar="N",
+                   help="stage 2: every N steps log the AR and auxiliary gradient norms (one extra backward "
+                        "through the auxiliary loss only); 0: off")
 
 
 def _config(args, stage):
@@ -47,7 +50,7 @@ def _config(args, stage):
                        tune_vision=getattr(args, "tune_vision", False), seed=args.seed,
                        save_every=args.save_every, max_steps=args.max_steps, resume=args.resume,
                        overwrite=args.overwrite, device=args.device, num_workers=args.num_workers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, grad_stats_every=args.grad_stats_every)
 
 
 # The training extras (requirements-train.txt, the package's "train" extra): import name -> distribution.
@@ -98,7 +101,8 @@ def _main(argv=None) -> int:
     s2.add_argument("--official-pooling", action="store_true", help="mean-pool over pads too (official code)")
     s2.add_argument("--align-option", action="append", metavar="KEY=VALUE",
                     help="an option of the auxiliary loss, repeatable: for the alignment any AlignConfig field "
-                         "(exgramed_kernels/config.py) or official, graph_scope, bias, modalities, message_passing")
+                         "(exgramed_kernels/config.py) or official, graph_scope, bias, modalities, message_passing, "
+                         "standardize")
     s2.add_argument("--aux-loss", choices=["alignment", "infonce", "siglip", "none"], default="alignment",
                     help="auxiliary loss added with weight --alpha (see exgramed_train/contrastive.py)")
     s2.add_argument("--tune-vision", action="store_true")

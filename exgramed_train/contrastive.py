@@ -1,6 +1,6 @@
 """Auxiliary stage-2 losses next to the multi-graph alignment: InfoNCE, SigLIP, none, and ablations.
 
-The data-efficiency study (``benchmarks/data_efficiency.py``) compares, on the
+The data-efficiency study (``experiments/data_efficiency.py``) compares, on the
 same pooled embeddings the alignment sees (``x: [K, B, d]``; row 0 the
 mean-pooled projected image patches, row 1 the pooled raw response, row 2 the
 pooled extended response):
@@ -170,20 +170,29 @@ class NoAuxLoss(nn.Module):
         return AuxOutput(loss=(x * 0.0).sum(), accuracy=acc)
 
 
+def standardize_nodes(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Each modality's nodes (``x: [K, B, d]``) centred on their batch mean and scaled to unit RMS norm."""
+    c = x - x.mean(1, keepdim=True)
+    return c / c.pow(2).sum(-1).mean(-1).clamp_min(eps).sqrt()[:, None, None]
+
+
 def ablated_alignment(dim: int, hidden: int | None = None, k: int | None = None, *, modalities=None,
-                      message_passing: bool = True, **options):
-    """:class:`exgramed_kernels.MultiGraphAlignment` with the paper's ablations.
+                      message_passing: bool = True, standardize: bool = False, **options):
+    """:class:`exgramed_kernels.MultiGraphAlignment` with the paper's ablations, and one input option.
 
     ``modalities``: the rows of ``x`` that become graphs (``[0, 1]``: without extended
     context); ``message_passing=False``: the GraphConv layers keep only their root (self)
     term, ``h' = relu(W_root h + b)`` (``W_rel`` fixed at zero as buffers, so no node sees its
     neighbours; the kNN edges still enter the matching's quadratic term); ``mode="pairwise"``
-    (a MultiGraphAlignment option) replaces the barycenter. With neither ablation this returns a
-    plain MultiGraphAlignment.
+    (a MultiGraphAlignment option) replaces the barycenter. ``standardize=True``: every modality's
+    nodes are centred on their batch mean and scaled to unit RMS norm before the alignment
+    (:func:`standardize_nodes`; not in the paper: the pooled image and text embeddings of a LLaVA
+    model can differ in scale by orders of magnitude, and the barycenter then is the larger one).
+    With none of these this returns a plain MultiGraphAlignment.
     """
     from exgramed_kernels import MultiGraphAlignment
 
-    if modalities is None and message_passing:
+    if modalities is None and message_passing and not standardize:
         return MultiGraphAlignment(dim, hidden=hidden, k=k, **options)
 
     class AblatedAlignment(MultiGraphAlignment):
@@ -193,6 +202,7 @@ def ablated_alignment(dim: int, hidden: int | None = None, k: int | None = None,
             if self.modalities is not None and len(self.modalities) < 2:
                 raise ValueError(f"ablated_alignment: modalities must name at least 2 rows, got {modalities}")
             self.message_passing = bool(message_passing)
+            self.standardize = bool(standardize)
             if not self.message_passing:
                 for name in ("w_rel1", "w_rel2"):
                     w = getattr(self, name)
@@ -205,6 +215,8 @@ def ablated_alignment(dim: int, hidden: int | None = None, k: int | None = None,
                     raise RuntimeError(f"AblatedAlignment: modalities {self.modalities} out of range for x "
                                        f"of shape {tuple(x.shape)}")
                 x = x[self.modalities]
+            if self.standardize:
+                x = standardize_nodes(x)
             return super().forward(x)
 
     return AblatedAlignment()
@@ -214,8 +226,8 @@ def build_aux_loss(kind: str, dim: int, hidden: int | None = None, k: int | None
     """The stage-2 auxiliary loss module ``kind`` (one of :data:`AUX_LOSSES`) for ``d = dim``.
 
     ``k``: the alignment's kNN degree (None: its configuration's). ``options``: for ``alignment``,
-    MultiGraphAlignment's options plus the ablation keys of
-    :func:`ablated_alignment` (``modalities``, ``message_passing``); for ``infonce`` /
+    MultiGraphAlignment's options plus the keys of
+    :func:`ablated_alignment` (``modalities``, ``message_passing``, ``standardize``); for ``infonce`` /
     ``siglip``: ``text_modalities``, ``temperature`` (InfoNCE), ``logit_scale``/``logit_bias``
     (SigLIP), ``learn_temperature``; for ``none``: ``text_modalities``.
     """
@@ -233,7 +245,7 @@ def build_aux_loss(kind: str, dim: int, hidden: int | None = None, k: int | None
 
 # MultiGraphAlignment's own keywords and ablated_alignment's that a command line may set, beside the
 # alignment options of exgramed_kernels.config.AlignConfig.
-ALIGNMENT_KEYS = ("official", "graph_scope", "bias", "modalities", "message_passing")
+ALIGNMENT_KEYS = ("official", "graph_scope", "bias", "modalities", "message_passing", "standardize")
 
 
 def aux_option_keys(kind: str) -> tuple[str, ...]:

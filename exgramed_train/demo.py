@@ -71,12 +71,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def plot_losses(logs: list[list[dict]], path: Path) -> None:
-    """AR loss over both stages; alignment loss and mean matching accuracy over stage 2."""
+    """AR loss over both stages; alignment loss and mean matching accuracy over stage 2; the alignment's
+    gradient: its norm over the AR gradient's (the steps where they were measured) and the fraction of
+    steps whose alignment gradient is exactly zero (moving mean)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     s1, s2 = logs
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b, d) = plt.subplots(1, 3, figsize=(15, 3.6))
     a.plot([r["step"] for r in s1], [r["ar_loss"] for r in s1], label="stage 1 AR")
     a.plot([len(s1) + r["step"] for r in s2], [r["ar_loss"] for r in s2], label="stage 2 AR")
     a.set_xlabel("optimiser step")
@@ -96,6 +98,19 @@ def plot_losses(logs: list[list[dict]], path: Path) -> None:
     c.set_ylabel("matching accuracy")
     c.set_ylim(0, 1.05)
     b.set_title("stage-2 alignment")
+    measured = [r for r in s2 if r.get("grad_ratio") is not None]
+    d.semilogy([r["step"] for r in measured], [r["grad_ratio"] for r in measured], "o-", ms=2, color="C4",
+               label="|alignment grad| / |AR grad|")
+    d.axhline(1.0, color="gray", lw=0.5)
+    d.set_xlabel("stage-2 step")
+    d.set_ylabel("gradient-norm ratio")
+    e = d.twinx()
+    zero = [r["align_grad_zero"] for r in s2 if r.get("align_grad_zero") is not None]
+    e.plot([r["step"] for r in s2 if r.get("align_grad_zero") is not None], _smooth(zero), color="C5",
+           label="alignment gradient exactly zero (moving fraction)")
+    e.set_ylim(-0.02, 1.02)
+    e.set_ylabel("zero-gradient fraction")
+    d.set_title("stage-2 alignment gradient")
     fig.legend(loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -113,10 +128,37 @@ def _smooth(values: list, window: int = 25) -> list:
     return out
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f} %"
+
+
+def gradient_summary(log: list[dict]) -> dict:
+    """The alignment-gradient instrumentation of a stage-2 log: the fraction of steps whose alignment
+    gradient was exactly zero, the alignment/AR gradient-norm ratio (median, first, last measured step;
+    and its median over the parameters both losses train), and the median total gradient norm before
+    clipping."""
+    import statistics
+    zero = [r["align_grad_zero"] for r in log if r.get("align_grad_zero") is not None]
+    ratio = [r["grad_ratio"] for r in log if r.get("grad_ratio") is not None]
+    shared = [r["aux_grad_norm_shared"] / r["ar_grad_norm"] for r in log
+              if r.get("aux_grad_norm_shared") is not None and r.get("ar_grad_norm")]
+    norms = [r["grad_norm"] for r in log if r.get("grad_norm") is not None]
+    return {"zero_fraction": statistics.fmean(zero) if zero else None,
+            "ratio_median": statistics.median(ratio) if ratio else None,
+            "ratio_first": ratio[0] if ratio else None, "ratio_last": ratio[-1] if ratio else None,
+            "ratio_n": len(ratio), "shared_ratio_median": statistics.median(shared) if shared else None,
+            "grad_norm_median": statistics.median(norms) if norms else None}
+
+
 def _report(result: dict, logs, out: Path) -> str:
     s1, s2 = logs
     m, t = result["metrics"], result["timings"]
     share = sum(r["align_time"] for r in s2) / max(sum(r["step_time"] for r in s2), 1e-9)
+    g = gradient_summary(s2)
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     return "\n".join([
         "# exgramed_train demo report", "",
@@ -127,6 +169,11 @@ def _report(result: dict, logs, out: Path) -> str:
         f"| stage 2 | {len(s2)} | {s2[0]['ar_loss']:.3f} | {s2[-1]['ar_loss']:.3f} | {s2[-1]['align_loss']:.3f} | "
         f"{', '.join(f'{a:.2f}' for a in s2[-1]['accuracy'])} | {t['stage2_s']:.1f} |", "",
         f"Alignment share (forward + backward) of the stage-2 step time: {100 * share:.1f} %.", "",
+        f"Alignment gradient (stage 2): exactly zero in {_pct(g['zero_fraction'])} of the steps; "
+        f"its norm over the AR gradient's: median {_num(g['ratio_median'])} "
+        f"(first {_num(g['ratio_first'])}, last {_num(g['ratio_last'])}; {g['ratio_n']} measured steps), "
+        f"median {_num(g['shared_ratio_median'])} over the parameters both losses train; "
+        f"total gradient norm before clipping at 1.0: median {_num(g['grad_norm_median'])}.", "",
         f"Evaluation ({m['n_closed']} closed, {m['n_open']} open questions, {t['evaluate_s']:.1f} s): "
         f"closed accuracy {fmt(m['closed_accuracy'])} %, open recall {fmt(m['open_recall'])} %, "
         f"open F1 {fmt(m['open_f1'])} %.", "",

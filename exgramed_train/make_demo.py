@@ -201,6 +201,80 @@ def generate(out: Path = ASSETS, n_train: int = 96, n_test: int = 24, seed: int 
     return out
 
 
+STUDY_INSTRUCTION = "Describe the image."
+
+
+def _balanced_facts(n: int, rng: np.random.Generator) -> list:
+    """``n`` (count, side, size) facts, every combination equally often (up to the remainder), shuffled."""
+    combos = [(c, s, z) for c in (1, 2, 3) for s in ("left", "right") for z in ("small", "large")]
+    facts = [combos[i % len(combos)] for i in range(n)]
+    return [facts[i] for i in rng.permutation(n)]
+
+
+def generate_study(out: Path, n_stage1: int = 1000, n_stage2: int = 96, n_test: int = 48, n_text: int = 2000,
+                   report_share: float = 0.5, seed: int = 0) -> Path:
+    """Chest-only data for the data-efficiency study (``experiments/data_efficiency.py``).
+
+    Three disjoint pools of procedurally generated chest images (the demo's generator), with the
+    facts (count, side, size) balanced within each pool, so no answer is predictable from the question:
+
+    * ``stage1.json``: one caption per image (``n_stage1`` images; the study trains on a fraction);
+    * ``stage2.json``: the demo's six questions per image with their short answers ("left", "two",
+      "yes"), each followed by "Describe the finding." (the caption; the extended description in
+      ``conversations_long``) (``n_stage2`` images);
+    * ``test.json``: the six questions on ``n_test`` held-out images (3 closed, 3 open each);
+    * ``text.json``: ``n_text`` image-free conversations (a caption, or a question with its short
+      answer and the description) written from randomly drawn facts, a share ``report_share`` of
+      them with the facts stated in the first prompt ("Report: left lung; two small nodules; upper
+      and lower zones."): the domain text a language model is pretrained on before it sees images,
+      from which it learns the answer formats and to read findings from its context.
+
+    Deterministic in ``seed``; written to ``out`` (replaced).
+    """
+    rng = np.random.default_rng(seed)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    files = {"stage1.json": [], "stage2.json": [], "test.json": []}
+    for pool, n in (("stage1", n_stage1), ("stage2", n_stage2), ("test", n_test)):
+        for i, (count, side, size) in enumerate(_balanced_facts(n, rng)):
+            name = f"{pool}_{i:04d}.png"
+            img, zones = _chest_image(rng, count, side, size)
+            _save_png(img, tmp / "images" / name)
+            t = _chest_texts(count, side, size, zones)
+            if pool == "stage1":
+                files["stage1.json"].append(_record(f"s1-{i}", name, STUDY_INSTRUCTION, t["caption"]))
+            for j, (q, a, _, kind) in enumerate(t["qa"]):
+                if pool == "stage2":
+                    files["stage2.json"].append(_record(f"s2-{i}-{j}", name, q, a, t["extended"],
+                                                        finding=t["caption"]))
+                elif pool == "test":
+                    files["test.json"].append(_record(f"test-{i}-{j}", name, q, a, answer_type=kind))
+    text = []
+    for i, (count, side, size) in enumerate(_balanced_facts(n_text, rng)):
+        zones = [ZONES[z] for z in sorted(rng.choice(3, size=count, replace=False))]
+        t = _chest_texts(count, side, size, zones)
+        pick = int(rng.integers(len(t["qa"]) + 1))
+        if pick == len(t["qa"]):
+            turns = [(STUDY_INSTRUCTION, t["caption"])]
+        else:
+            q, a, _, _ = t["qa"][pick]
+            turns = [(q, a), ("Describe the finding.", t["caption"] if rng.random() < 0.5 else t["extended"])]
+        if rng.random() < report_share:  # the facts stated in the prompt, where an image will be later
+            report = (f"Report: {side} lung; {NUMBERS[count]} {size} {'nodule' if count == 1 else 'nodules'}; "
+                      f"{_zones_text(zones)}.")
+            turns[0] = (report + "\n" + turns[0][0], turns[0][1])
+        text.append({"id": f"text-{i}", "conversations": [{"from": who, "value": v} for q, a in turns
+                                                          for who, v in (("human", q), ("gpt", a))]})
+    files["text.json"] = text
+    for fname, recs in files.items():
+        (tmp / fname).write_text(json.dumps(recs, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
 def _train_tokenizer(path: Path, records) -> int:
     """Train a small byte-level BPE tokenizer on the demo texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

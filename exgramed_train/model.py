@@ -13,6 +13,9 @@ decoder's last hidden states (``"after_de"``).  Pooling is masked by the
 attention mask unless ``official_pooling`` (which, like the official code,
 averages over the padding too).  ``MultiGraphAlignment`` from
 ``exgramed_kernels`` computes the alignment loss; total = AR + alpha * align.
+A hook on the pooled embeddings ``x`` records, in every backward, whether the
+gradient they receive (the auxiliary loss's alone: nothing else uses ``x``) is
+exactly zero, and its norm (``align_grad`` in the forward's result).
 """
 from __future__ import annotations
 
@@ -145,11 +148,12 @@ class LlavaMed(nn.Module):
                              self.text_embedding(batch["ext_ids"], batch["ext_mask"])])
             a = self.align(x)
             timing = {"forward": _elapsed(t0, x)}
+            grad = {}
             if torch.is_grad_enabled() and x.requires_grad:
                 # the alignment's backward runs from the loss's gradient to x's gradient
                 a.loss.register_hook(lambda g: timing.__setitem__("bwd_start", _elapsed(0.0, x)))
-                x.register_hook(lambda g: timing.__setitem__("bwd_end", _elapsed(0.0, x)))
-            result.update(align_loss=a.loss, accuracy=a.accuracy.detach(), align_timing=timing,
+                x.register_hook(lambda g: _x_grad_probe(g, timing, grad))
+            result.update(align_loss=a.loss, accuracy=a.accuracy.detach(), align_timing=timing, align_grad=grad,
                           loss=out.loss + self.spec.alpha * a.loss)
         return result
 
@@ -212,6 +216,14 @@ def _elapsed(t0: float, like: torch.Tensor) -> float:
     if like.is_cuda:
         torch.cuda.synchronize(like.device)
     return time.perf_counter() - t0
+
+
+def _x_grad_probe(g: torch.Tensor, timing: dict, grad: dict) -> None:
+    """x's gradient hook: the backward's end time, and the gradient x receives (only the auxiliary loss
+    uses x): whether it is exactly zero, and its squared norm (tensors, read after the backward)."""
+    timing["bwd_end"] = _elapsed(0.0, g)
+    grad["zero"] = (g == 0).all()
+    grad["sq_norm"] = g.detach().double().pow(2).sum()
 
 
 def align_seconds(timing: dict) -> float:

@@ -8,7 +8,11 @@
   lr 2e-5, 3 epochs.
 
 Runs single-process or under ``torchrun`` (``gloo`` on CPU, ``nccl`` on GPU).
-Every optimiser step is one line of ``log.jsonl``.  Checkpoints
+Every optimiser step is one line of ``log.jsonl``: losses, timings, the total
+gradient norm and, in stage 2, the auxiliary loss's gradient (whether it was
+exactly zero at the pooled embeddings, every step; its norm against the AR
+loss's, every ``grad_stats_every`` steps, from one extra backward through the
+auxiliary loss alone).  Checkpoints
 (``checkpoint-<step>/``) are written to a temporary directory and renamed, so a
 crash never leaves a half-written one: ``run.json`` (step, world size, the
 run's options, the data file's SHA-256 and the model spec), ``state.pt``
@@ -30,6 +34,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -54,7 +59,7 @@ STAGE_DEFAULTS = {"stage1": {"lr": 2e-3, "epochs": 1}, "stage2": {"lr": 2e-5, "e
 # warmup_ratio take effect from the checkpoint's step on (the cosine schedule is recomputed with the new
 # peak lr and total); the others change where and how often work happens, not what is computed.
 RESUME_MAY_CHANGE = ("lr", "epochs", "warmup_ratio", "max_steps", "save_every", "device", "num_workers",
-                     "grad_checkpointing", "progress")
+                     "grad_checkpointing", "progress", "grad_stats_every")
 _NOT_RECORDED = ("out", "resume", "overwrite")
 _NO_FLAG = ("stage", "max_grad_norm")  # TrainConfig fields the command line does not set
 _RUN_FILES = ("log.jsonl", "log.tmp", "model", "model.tmp", "model.old")  # and checkpoint-*
@@ -92,6 +97,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    grad_stats_every: int = 10
 
     def __post_init__(self):
         if self.stage not in STAGE_DEFAULTS:
@@ -102,6 +108,8 @@ class TrainConfig:
         for k in ("micro_batch", "grad_accum", "epochs"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.grad_stats_every < 0:
+            raise ValueError(f"grad_stats_every must be >= 0 (0: off), got {self.grad_stats_every}")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
@@ -211,6 +219,7 @@ def train(cfg: TrainConfig, model_factory) -> dict:
         raise ValueError(f"micro_batch ({cfg.micro_batch}) must exceed the alignment's k "
                          f"({model.spec.align_k}): k nearest neighbours among micro_batch nodes")
     params = configure_trainable(model, cfg.stage, cfg.tune_vision)
+    own = {id(p) for p in model.align.parameters()} if model.align is not None else set()  # the aux loss's own
     if cfg.grad_checkpointing:
         if hasattr(model.lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.lm.activation_checkpointing_enable({"use_reentrant": False})
@@ -266,23 +275,37 @@ def train(cfg: TrainConfig, model_factory) -> dict:
         it = iter(loader)
         for _ in range(len(batches) // cfg.grad_accum):
             t0 = time.perf_counter()
-            acc = {"loss": 0.0, "ar_loss": 0.0, "align_loss": 0.0, "align_timing": [], "accuracy": None}
+            acc = {"loss": 0.0, "ar_loss": 0.0, "align_loss": 0.0, "align_timing": [], "align_grad": [],
+                   "accuracy": None, "split": None, "stats_time": 0.0}
+            measure = align and cfg.grad_stats_every > 0 and step % cfg.grad_stats_every == 0
             for j in range(cfg.grad_accum):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(it).items()}
-                sync = ddp.no_sync() if distributed and j < cfg.grad_accum - 1 else contextlib.nullcontext()
+                synced = distributed and j == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if synced or not distributed else ddp.no_sync()
                 with sync:
                     with autocast:
                         r = ddp(batch, align=align)
+                    aux_grads = None
+                    if measure and j == 0 and r["align_loss"].requires_grad:
+                        ts = _clock(device)
+                        aux_grads = torch.autograd.grad(r["align_loss"] * (model.spec.alpha / cfg.grad_accum),
+                                                        params, retain_graph=True, allow_unused=True)
+                        acc["stats_time"] += _clock(device) - ts
                     (r["loss"] / cfg.grad_accum).backward()
+                if aux_grads is not None:
+                    ts = _clock(device)
+                    acc["split"] = _split_grad_norms(params, aux_grads, cfg.grad_accum, synced, own)
+                    acc["stats_time"] += _clock(device) - ts
                 acc["loss"] += r["loss"].item() / cfg.grad_accum
                 acc["ar_loss"] += r["ar_loss"].item() / cfg.grad_accum
                 if align:
                     acc["align_loss"] += r["align_loss"].item() / cfg.grad_accum
                     acc["align_timing"].append(r["align_timing"])
+                    acc["align_grad"].append(r["align_grad"])
                     a = r["accuracy"].float().cpu() / cfg.grad_accum
                     acc["accuracy"] = a if acc["accuracy"] is None else acc["accuracy"] + a
             acc["align_time"] = sum(align_seconds(t) for t in acc.pop("align_timing"))  # backward hooks done
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -290,7 +313,9 @@ def train(cfg: TrainConfig, model_factory) -> dict:
                 with torch.no_grad():
                     emb[:n_base] = frozen_rows
             step += 1
-            rec = _step_record(cfg, step, epoch, sched, acc, time.perf_counter() - t0, distributed, device)
+            # the step's own time: the gradient statistics' extra backward is logged apart (grad_stats_time)
+            rec = _step_record(cfg, step, epoch, sched, acc, time.perf_counter() - t0 - acc["stats_time"],
+                               distributed, device)
             if rank == 0:
                 _append_jsonl(log_path, rec)
                 bar.update(1)
@@ -311,9 +336,47 @@ def train(cfg: TrainConfig, model_factory) -> dict:
             "model": None if interrupted else str(out / "model")}
 
 
+def _clock(device) -> float:
+    """``time.perf_counter()`` after the device finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _split_grad_norms(params, aux_grads, grad_accum: int, synced: bool, own: set) -> tuple[float, float, float]:
+    """Norms of the AR loss's and the auxiliary loss's (alpha-weighted) gradients over ``params``, and of
+    the auxiliary gradient over the parameters the AR loss trains too (all but the ids in ``own``, the
+    auxiliary module's).
+
+    Called after the backward of a step's first micro-batch, whose gradients are then in ``p.grad``
+    (the step starts from zero); ``aux_grads`` are the auxiliary term's alone (``autograd.grad`` on the
+    same graph), so the AR term's are ``p.grad - aux_grads``.  When that backward synchronised the
+    data-parallel ranks, ``p.grad`` is their mean and ``aux_grads`` is averaged likewise first.
+    Returned per micro-batch (the trainer's ``1 / grad_accum`` scale undone)."""
+    ar_sq, aux_sq, shared_sq = (torch.zeros((), dtype=torch.float64) for _ in range(3))
+    for p, g_aux in zip(params, aux_grads):
+        g = p.grad
+        if g_aux is not None and synced:
+            dist.all_reduce(g_aux)
+            g_aux = g_aux / dist.get_world_size()
+        if g_aux is not None:
+            sq = g_aux.double().pow(2).sum().cpu()
+            aux_sq += sq
+            if id(p) not in own:
+                shared_sq += sq
+            g = None if g is None else g - g_aux
+        if g is not None:
+            ar_sq += g.double().pow(2).sum().cpu()
+    return tuple(grad_accum * float(v.sqrt()) for v in (ar_sq, aux_sq, shared_sq))
+
+
 def _step_record(cfg, step, epoch, sched, acc, step_time, distributed, device) -> dict:
-    vals = torch.tensor([acc["loss"], acc["ar_loss"], acc["align_loss"], step_time, acc["align_time"]],
-                        dtype=torch.float64)
+    probes = [g for g in acc["align_grad"] if g]  # filled by the x hook when the backward reached x
+    zero = sum(float(g["zero"]) for g in probes) / len(probes) if probes else math.nan
+    x_norm = cfg.grad_accum * sum(float(g["sq_norm"].sqrt()) for g in probes) / len(probes) if probes else math.nan
+    split = acc["split"] or (math.nan, math.nan, math.nan)
+    vals = torch.tensor([acc["loss"], acc["ar_loss"], acc["align_loss"], step_time, acc["align_time"], zero, x_norm,
+                         *split], dtype=torch.float64)
     accuracy = acc["accuracy"]
     if distributed:  # report the mean over ranks
         vals = vals.to(device)
@@ -323,11 +386,15 @@ def _step_record(cfg, step, epoch, sched, acc, step_time, distributed, device) -
             a = accuracy.to(device, torch.float64)
             dist.all_reduce(a)
             accuracy = (a / dist.get_world_size()).cpu()
-    loss, ar, al, st, at = vals.tolist()
+    loss, ar, al, st, at, zero, x_norm, ar_norm, aux_norm, shared_norm = vals.tolist()
+    opt = lambda v: None if math.isnan(v) else v  # noqa: E731
     return {"stage": cfg.stage, "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
             "loss": loss, "ar_loss": ar, "align_loss": al,
             "accuracy": None if accuracy is None else [round(x, 6) for x in accuracy.tolist()],
-            "step_time": st, "align_time": at, "align_share": at / st if st > 0 else 0.0}
+            "step_time": st, "align_time": at, "align_share": at / st if st > 0 else 0.0,
+            "grad_stats_time": acc["stats_time"], "grad_norm": acc["grad_norm"], "align_grad_zero": opt(zero), "align_grad_x": opt(x_norm),
+            "ar_grad_norm": opt(ar_norm), "aux_grad_norm": opt(aux_norm), "aux_grad_norm_shared": opt(shared_norm),
+            "grad_ratio": opt(aux_norm / ar_norm) if ar_norm > 0 else None}
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:

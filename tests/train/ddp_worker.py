@@ -30,6 +30,9 @@ common = dict(image_folder=str(ASSETS / "images"), micro_batch=4, max_length=192
 r1 = train(TrainConfig(stage="stage1", data=s1_data, out=str(out / "s1"), **common), keep("s1", lambda: LlavaMed(spec)))
 r2 = train(TrainConfig(stage="stage2", data=s2_data, out=str(out / "s2"), lr=1e-3, grad_accum=2, **common),
            keep("s2", lambda: LlavaMed.load(r1["model"], with_alignment=True, align_k=3)))
+# one micro-batch per step: the gradient norms are split after the synchronising backward
+r3 = train(TrainConfig(stage="stage2", data=s2_data, out=str(out / "s2b"), lr=1e-3, epochs=1, grad_stats_every=1,
+                       **common), keep("s2b", lambda: LlavaMed.load(r1["model"], with_alignment=True, align_k=3)))
 
 
 def digest(model):
@@ -42,4 +45,4 @@ def digest(model):
 
 
 (out / f"rank{rank}.json").write_text(json.dumps({"s1": digest(models["s1"]), "s2": digest(models["s2"]),
-                                                  "r1": r1, "r2": r2}))
+                                                  "s2b": digest(models["s2b"]), "r1": r1, "r2": r2}))

@@ -1,6 +1,8 @@
-"""Smoke run of benchmarks/data_efficiency.py on a few demo records: every arm reaches the table."""
+"""experiments/data_efficiency.py: its pieces, and a smoke run on a few generated records in which every
+arm reaches the table, a rerun skips the finished cells and changed options are refused."""
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def de():
-    spec = importlib.util.spec_from_file_location("data_efficiency", ROOT / "benchmarks" / "data_efficiency.py")
+    spec = importlib.util.spec_from_file_location("data_efficiency", ROOT / "experiments" / "data_efficiency.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -27,45 +29,60 @@ def test_subsample_is_seeded_sized_and_ordered(de):
         de.subsample(recs, 0.0, seed=0, minimum=8)
 
 
-def test_candidates_for_forced_choice(de):
-    from exgramed_train.make_demo import ASSETS
-    qs = json.loads((ASSETS / "test.json").read_text())
-    c = de._candidates(qs)
-    closed = [q for q in qs if q["answer_type"] == "CLOSED"]
-    assert all(c[q["id"]][0] == ["yes", "no"] for q in closed)
-    side = next(q for q in qs if "Which lung" in q["conversations"][0]["value"])
-    cands, ref = c[side["id"]]
-    assert cands == ["left", "right"] and cands[ref] == side["conversations"][1]["value"]
+def test_interval_is_the_t_interval(de):
+    mean, hw = de.interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hw == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)  # t(0.975, 2) = 4.3027
+    assert de.interval([5.0]) == (5.0, None)
 
 
-def test_smoke_run_has_every_arm(de, tiny, subset, tmp_path, capsys):
-    d = tmp_path / "data"
-    d.mkdir()
-    s1 = subset("stage1.json", d / "s1.json", 16)
-    s2 = subset("stage2.json", d / "s2.json", 16)
-    te = subset("test.json", d / "test.json", 8)
+def test_study_data_is_balanced_and_candidates_are_as_written(de, tmp_path):
+    from exgramed_train.make_demo import generate_study
+    d = generate_study(tmp_path / "data", n_stage1=24, n_stage2=12, n_test=12, n_text=24, seed=3)
+    test = json.loads((d / "test.json").read_text())
+    s1 = json.loads((d / "stage1.json").read_text())
+    s2 = json.loads((d / "stage2.json").read_text())
+    assert (len(s1), len(s2), len(test)) == (24, 72, 72)
+    assert not {r["image"] for r in s1} & {r["image"] for r in test}  # disjoint image pools
+    assert {r["image"] for r in s2}.isdisjoint({r["image"] for r in s1} | {r["image"] for r in test})
+    for question in ("Which lung contains the nodules?", "Are the nodules large?"):  # balanced: no prior answers
+        answers = [q["conversations"][1]["value"] for q in test if q["conversations"][0]["value"].endswith(question)]
+        assert len(answers) == 12 and answers.count(answers[0]) == 6
+    assert all(len(r["conversations"]) == 4 and len(r["conversations"][1]["value"].split()) == 1 for r in s2)
+    text = json.loads((d / "text.json").read_text())
+    assert all("<image>" not in t["value"] for r in text for t in r["conversations"])
+    assert any(r["conversations"][0]["value"].startswith("Report: ") for r in text)
+    c = de.candidates(test)
+    count = next(q for q in test if q["conversations"][0]["value"].endswith("How many nodules are seen?"))
+    assert c[count["id"]][0] == ["one", "three", "two"]  # as written, not normalised to digits
+    closed = next(q for q in test if q["answer_type"] == "CLOSED")
+    assert c[closed["id"]][0] == ["yes", "no"]
+    assert generate_study(tmp_path / "again", n_stage1=24, n_stage2=12, n_test=12, n_text=24, seed=3) and \
+        (tmp_path / "again" / "test.json").read_text() == (d / "test.json").read_text()
+
+
+def test_smoke_run_has_every_arm(de, tiny, tmp_path):
     results = tmp_path / "res" / "table.md"
-    argv = ["--stage1", s1, "--stage2", s2, "--test", te, "--seeds", "0", "1", "--stage1-epochs", "1",
-            "--stage2-epochs", "1", "--align-k", "3", "--max-new-tokens", "2", "--out", str(tmp_path / "run"),
-            "--results", str(results), "--llm", tiny["llm"], "--vision", tiny["vision"],
-            "--tokenizer", tiny["tokenizer"]]
+    argv = ["--n-stage1", "24", "--n-stage2", "3", "--n-test", "2", "--n-text", "16", "--lm-steps", "2",
+            "--lm-batch", "8", "--seeds", "0", "1", "--stage1-epochs", "1", "--stage2-epochs", "1",
+            "--micro-batch", "9", "--align-k", "3", "--max-new-tokens", "2", "--out", str(tmp_path / "run"),
+            "--results", str(results)]
     assert de.main(argv) == 0
     text = results.read_text()
     rows = [line for line in text.splitlines() if line.startswith(("| 10 % |", "| 100 % |"))]
-    for arm in de.MAIN_ARMS.values():  # main arms at both fractions
-        assert sum(arm["label"] in r for r in rows) == 2, arm["label"]
-    for arm in de.ABLATION_ARMS.values():  # ablations at the smallest fraction only
-        assert sum(arm["label"] in r and r.startswith("| 10 % ") for r in rows) == 1, arm["label"]
-    assert len(rows) == 2 * len(de.MAIN_ARMS) + len(de.ABLATION_ARMS)
-    assert all("| 2 |" in r and "± " in r for r in rows)  # two seeds: a spread in every row
+    assert len(rows) == len(de.ARMS) + 1  # every arm at 10 %, AR only at 100 % too
+    for arm in de.ARMS.values():
+        assert any(arm["label"] in r for r in rows), arm["label"]
+    assert all("| 2 |" in r and " ± " in r for r in rows)  # two seeds: an interval in every row
+    assert sum("(Δ " in r for r in rows) == len(rows) - 1  # paired differences except the reference row
+    assert "Premise check" in text and "All cells ran." in text and "CPU time" in text
     assert results.with_suffix(".png").stat().st_size > 0
-    assert "All cells ran." in text
-    # a rerun finds every cell done and only rebuilds the report
     r = json.loads((tmp_path / "run" / "seed0" / "frac0.1" / "align" / "result.json").read_text())
-    assert r["stage2_steps"] == 2 and 0 <= r["fc_closed"] <= 1 and r["nll"] > 0
+    assert r["stage2_steps"] == 2 and 0 <= r["fc"] <= 1 and 6 <= r["n_fc"] <= 12  # closed + open with >= 2 answers
+    assert 0 <= r["zero_grad"] <= 1 and r["grad_ratio"] > 0 and 0 <= r["match_acc"] <= 1
+    log = [json.loads(line) for line in
+           (tmp_path / "run" / "seed0" / "frac0.1" / "align" / "stage2" / "log.jsonl").read_text().splitlines()]
+    assert all(x["grad_ratio"] is not None and x["align_grad_zero"] in (0.0, 1.0) for x in log)
+    # a rerun finds every cell done; another stage-2 learning rate in the same --out is refused
     assert de.run_all(de.parse_args(argv))["ran"] == 0
-    # the gradient-norm diagnostic reuses the stage-1 model and prints one row per auxiliary loss
-    capsys.readouterr()
-    assert de.main(argv + ["--grad-norms"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| alignment", "| infonce", "| siglip"))]
-    assert len(rows) == 3 and all(float(r.split("|")[2]) > 0 for r in rows)
+    with pytest.raises(SystemExit, match="stage2_lr"):
+        de.run_all(de.parse_args(argv + ["--stage2-lr", "1e-2"]))

@@ -68,6 +68,8 @@ def test_demo_end_to_end(tmp_path, tiny):
     assert s2[-1]["ar_loss"] < s2[0]["ar_loss"] - 1.0  # the LM learns the answers' format
     report = (out / "report.md").read_text()
     assert "closed accuracy" in report and "losses.png" in report
+    assert "exactly zero in" in report and "norm over the AR gradient's: median" in report
+    assert s2[0]["grad_ratio"] > 0 and 0 <= s2[0]["align_grad_zero"] <= 1  # step 1 is measured
     assert len((out / "answers.jsonl").read_text().splitlines()) == 149
 
 

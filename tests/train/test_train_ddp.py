@@ -30,3 +30,7 @@ def test_torchrun_two_cpu_ranks(tmp_path, tiny, subset):
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(r["align_loss"] > 0 and len(r["accuracy"]) == 3 for r in log)
     assert (tmp_path / "out" / "s2" / "model" / "alignment.pt").exists()
+    assert log[0]["grad_ratio"] > 0 and log[1]["grad_ratio"] is None  # measured every 10 steps by default
+    assert r0["s2b"] == r1["s2b"]
+    log = [json.loads(l) for l in (tmp_path / "out" / "s2b" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["grad_ratio"] > 0 and r["aux_grad_norm_shared"] <= r["aux_grad_norm"] for r in log)

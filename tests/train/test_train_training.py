@@ -60,7 +60,8 @@ def test_stage1_trains_projector_and_new_rows_only(tmp_path, spec, tiny, subset)
     assert changed == {emb} | {k for k in init if k.startswith("projector.")}
     log = _log(res["log"])
     assert [r["step"] for r in log] == [1, 2]
-    assert all(r["align_loss"] == 0 and r["accuracy"] is None for r in log)
+    assert all(r["align_loss"] == 0 and r["accuracy"] is None and r["align_grad_zero"] is None
+               and r["grad_ratio"] is None and r["grad_norm"] > 0 for r in log)
     assert (Path(res["model"]) / "exgramed_model.json").exists()
 
 
@@ -77,6 +78,31 @@ def test_stage2_adds_alignment_loss_and_trains_lm(tmp_path, stage1_model, subset
     ref = LlavaMed.load(stage1_model)
     assert not torch.equal(out.lm.model.layers[0].mlp.up_proj.weight, ref.lm.model.layers[0].mlp.up_proj.weight)
     assert (Path(res["model"]) / "alignment.pt").exists()
+
+
+def test_stage2_logs_the_auxiliary_gradient_without_changing_training(tmp_path, stage1_model, subset):
+    """Every stage-2 step logs whether the alignment's gradient (w.r.t. its input) was exactly zero and its
+    norm; every grad_stats_every steps the AR and auxiliary gradient norms; none of it changes the run."""
+    def run(every, kind, out):
+        res = train(_s2(tmp_path, subset, epochs=1, n=18, grad_stats_every=every, out=str(tmp_path / out)),
+                    lambda: LlavaMed.load(stage1_model, with_alignment=True, align_k=3, aux_loss=kind))
+        return _log(res["log"])
+
+    measured, plain = run(1, "alignment", "a"), run(2, "alignment", "b")
+    assert len(measured) == len(plain) == 3
+    for x, y in zip(measured, plain):
+        assert (x["loss"], x["grad_norm"], x["accuracy"]) == (y["loss"], y["grad_norm"], y["accuracy"])
+    for r in measured:
+        assert r["align_grad_zero"] in (0.0, 1.0) and r["align_grad_x"] >= 0 and r["grad_norm"] > 0
+        assert r["ar_grad_norm"] > 0 and r["grad_ratio"] == pytest.approx(r["aux_grad_norm"] / r["ar_grad_norm"])
+        assert 0 <= r["aux_grad_norm_shared"] <= r["aux_grad_norm"]
+        # the two parts add up to the total (the clip at 1.0 acts after the norm is taken)
+        assert r["grad_norm"] <= r["ar_grad_norm"] + r["aux_grad_norm"] + 1e-6
+    assert [r["grad_ratio"] is None for r in plain] == [False, True, False]  # steps 1 and 3
+    assert [r["grad_stats_time"] > 0 for r in plain] == [True, False, True]  # logged apart from step_time
+    for r in run(1, "none", "c"):  # AR only: the auxiliary gradient is exactly zero, AR's is the total
+        assert r["align_grad_zero"] == 1.0 and r["aux_grad_norm"] == 0.0 and r["grad_ratio"] == 0.0
+        assert r["ar_grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-6)
 
 
 @pytest.mark.parametrize("official", [False, True])
