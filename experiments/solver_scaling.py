@@ -4,7 +4,7 @@ contract, linear_assignment against the ``lap`` package's ``lapjv``, and align's
     python experiments/solver_scaling.py --part lap|stages|quality|memory|all [--threads 1,2]
     python experiments/solver_scaling.py --part objectives --objectives-out base.json   # at the base commit
 
-Parts (each writes experiments/solver_scaling_<part>.json, and experiments/solver_scaling.md is rendered
+Parts (each writes experiments/results/solver_scaling_<part>.json, and experiments/results/solver_scaling.md is rendered
 from all of them, so parts can be rerun one at a time):
 
 ``lap``: ``ek.linear_assignment`` on a batch of 12 uniform random float64 problems (maximise) against
@@ -27,7 +27,7 @@ batch, x ~ N(0, 1), d = h = 512) at the default and the official settings, ``qap
 module's solver options; objectives in float64 against the official-equivalent solver
 (``compare_align.peer_objectives``: scipy-LAP Frank-Wolfe, 50 iterations) and against the objectives of
 the base commit's solver on the same problems (``--part objectives`` run there with ``--root`` pointing at
-its build, written to experiments/solver_scaling_base_objectives.json).
+its build, written to experiments/results/solver_scaling_base_objectives.json).
 
 ``memory``: the resident-set rise of one forward + backward at B = 1024 in a fresh process
 (``benchmarks.overhead --memory-child``).
@@ -46,11 +46,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MD_PATH = os.path.join(HERE, "solver_scaling.md")
+RESULTS = os.path.join(HERE, "results")
+MD_PATH = os.path.join(RESULTS, "solver_scaling.md")
 PARTS = ("lap", "stages", "quality", "memory")
 
 
-JSON_DIR = [HERE]
+JSON_DIR = [RESULTS]
 
 
 def json_path(part):
@@ -263,7 +264,7 @@ def part_objectives(batches):
     return out
 
 
-BASELINE_PATH = os.path.join(HERE, "solver_scaling_base_objectives.json")
+BASELINE_PATH = os.path.join(RESULTS, "solver_scaling_base_objectives.json")
 
 
 def compare_baseline(rec, baseline):
