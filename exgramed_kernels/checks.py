@@ -43,16 +43,21 @@ def check_index_range(op: str, n: int, **tensors: torch.Tensor) -> None:
             raise RuntimeError(f"{op}: {name} entries must lie in [0, {n})")
 
 
+def check_node_features(op: str, x: torch.Tensor) -> None:
+    """``x`` is a floating-point ``[G, N, d]`` tensor of node features."""
+    if x.dim() != 3:
+        raise RuntimeError(f"{op}: x must have shape [G, N, d] (3 dims), got {_shape(x)}")
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+
+
 # ----------------------------------------------------------------------------- knn_graph
 
 
 def check_knn_args(x: torch.Tensor, k: int, metric: str, check_values: bool = True) -> None:
     if metric not in METRICS:
         raise RuntimeError(f"knn_graph: metric must be 'l2' or 'cosine', got '{metric}'")
-    if x.dim() != 3:
-        raise RuntimeError(f"knn_graph: x must have shape [G, N, d] (3 dims), got {_shape(x)}")
-    if not x.dtype.is_floating_point:
-        raise RuntimeError(f"knn_graph: x must be a floating-point tensor, got {x.dtype}")
+    check_node_features("knn_graph", x)
     N = x.shape[1]
     if N < 2:
         raise RuntimeError(f"knn_graph: x must have at least 2 nodes per graph (N >= 2), got N = {N}")
@@ -70,10 +75,7 @@ def check_knn_args(x: torch.Tensor, k: int, metric: str, check_values: bool = Tr
 def check_graph_conv_args(x, nbr, w_root, w_rel, bias, aggr, check_values=True) -> None:
     if aggr not in AGGRS:
         raise RuntimeError(f"graph_conv: aggr must be one of 'max', 'mean', 'sum', 'gcn', got '{aggr}'")
-    if x.dim() != 3:
-        raise RuntimeError(f"graph_conv: x must have shape [G, N, d] (3 dims), got {_shape(x)}")
-    if not x.dtype.is_floating_point:
-        raise RuntimeError(f"graph_conv: x must be a floating-point tensor, got {x.dtype}")
+    check_node_features("graph_conv", x)
     if nbr.dim() != 3:
         raise RuntimeError(f"graph_conv: nbr must have shape [G, N, k] (3 dims), got {_shape(nbr)}")
     if nbr.dtype != torch.long:
@@ -114,8 +116,7 @@ def split_stacked_weight(x: torch.Tensor, weight: torch.Tensor, aggr: str) -> tu
     as ``(w_root, w_rel)`` views."""
     if aggr not in AGGRS:
         raise RuntimeError(f"graph_conv: aggr must be one of 'max', 'mean', 'sum', 'gcn', got '{aggr}'")
-    if x.dim() != 3:
-        raise RuntimeError(f"graph_conv: x must have shape [G, N, d] (3 dims), got {_shape(x)}")
+    check_node_features("graph_conv", x)
     d = x.shape[2]
     if aggr == "gcn":
         if weight.dim() != 2 or weight.shape[0] != d:

@@ -237,7 +237,10 @@ EXGRAMED_MULTIVERSION void update_column_duals(const double* spc, const double* 
 // row (a few O(n) passes), it leaves few rows for the O(n^2) shortest-path augmentations.
 // The cheapest column j1 is the first minimum of h = c_i - v; the second (j2, u2) the first minimum
 // over the other columns -- what a one-pass scan keeping the two smallest in order finds.
-void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
+// On any access to the costs: row_min2(i, &u1, &j1, &u2, &j2) gives the two smallest reduced costs of
+// row i in that order (j2 = -1 when n = 1), row_min(i, &j) the first minimum, cost(i, j) one entry.
+template <typename RowMin2, typename RowMin, typename Cost>
+void augmenting_row_reduction_on(int64_t n, LapWorkspace& ws, RowMin2 row_min2, RowMin row_min, Cost cost) {
   double* v = ws.v.data();
   // The workspace's lists: this runs once per Frank-Wolfe iteration, so no allocation per call.
   std::vector<int64_t>& free_rows = ws.free_rows;
@@ -254,7 +257,7 @@ void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
       const int64_t i = free_rows[k++];
       int64_t j1 = -1, j2 = -1;
       double u1, u2;
-      reduced_min2(c + i * n, v, n, &u1, &j1, &u2, &j2);  // (n = 1: no second column, j2 = -1)
+      row_min2(i, &u1, &j1, &u2, &j2);
       int64_t i0 = ws.row4col[j1];
       const bool gap = u1 < u2 && j2 >= 0;
       if (gap) {
@@ -277,14 +280,24 @@ void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
     free_rows.swap(next);
   }
   for (int64_t i = 0; i < n; ++i) {
-    const double* ci = c + i * n;
     if (ws.col4row[i] >= 0) {
-      ws.u[i] = ci[ws.col4row[i]] - v[ws.col4row[i]];
+      ws.u[i] = cost(i, ws.col4row[i]) - v[ws.col4row[i]];
     } else {
       int64_t j = -1;
-      ws.u[i] = reduced_min_first(ci, v, n, &j);
+      ws.u[i] = row_min(i, &j);
     }
   }
+}
+
+void augmenting_row_reduction(const double* c, int64_t n, LapWorkspace& ws) {
+  const double* v = ws.v.data();
+  augmenting_row_reduction_on(
+      n, ws,
+      [&](int64_t i, double* u1, int64_t* j1, double* u2, int64_t* j2) {
+        reduced_min2(c + i * n, v, n, u1, j1, u2, j2);
+      },
+      [&](int64_t i, int64_t* j) { return reduced_min_first(c + i * n, v, n, j); },
+      [&](int64_t i, int64_t j) { return c[i * n + j]; });
 }
 
 // ------------------------------------------------------------------------------ the candidate solve
@@ -434,53 +447,11 @@ struct CandidateSolve {
     }
   }
 
-  // The augmenting row reduction of the dense solve (augmenting_row_reduction), on the candidates.
+  // The augmenting row reduction of the dense solve, on the candidates.
   void augmenting_row_reduction() {
-    double* v = ws.v.data();
-    std::vector<int64_t>& free_rows = ws.free_rows;
-    std::vector<int64_t>& next = ws.next_rows;
-    free_rows.clear();
-    for (int64_t i = 0; i < n; ++i) {
-      if (ws.col4row[i] < 0) free_rows.push_back(i);
-    }
-    for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
-      next.clear();
-      size_t k = 0;
-      int64_t budget = n;
-      while (k < free_rows.size()) {
-        const int64_t i = free_rows[k++];
-        int64_t j1 = -1, j2 = -1;
-        double u1, u2;
-        row_min2(i, &u1, &j1, &u2, &j2);
-        int64_t i0 = ws.row4col[j1];
-        const bool gap = u1 < u2 && j2 >= 0;
-        if (gap) {
-          v[j1] -= (u2 - u1);
-        } else if (i0 >= 0 && j2 >= 0) {
-          j1 = j2;
-          i0 = ws.row4col[j2];
-        }
-        ws.row4col[j1] = i;
-        ws.col4row[i] = j1;
-        if (i0 >= 0) {
-          ws.col4row[i0] = -1;
-          if (gap && budget-- > 0) {
-            free_rows[--k] = i0;
-          } else {
-            next.push_back(i0);
-          }
-        }
-      }
-      free_rows.swap(next);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      if (ws.col4row[i] >= 0) {
-        ws.u[i] = ws.cost_at(i, ws.col4row[i]) - v[ws.col4row[i]];
-      } else {
-        int64_t j = -1;
-        ws.u[i] = row_min(i, &j);
-      }
-    }
+    augmenting_row_reduction_on(
+        n, ws, [&](int64_t i, double* u1, int64_t* j1, double* u2, int64_t* j2) { row_min2(i, u1, j1, u2, j2); },
+        [&](int64_t i, int64_t* j) { return row_min(i, j); }, [&](int64_t i, int64_t j) { return ws.cost_at(i, j); });
   }
 
   // Column j (not yet reached) at tentative distance r through row i.
