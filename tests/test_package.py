@@ -155,3 +155,11 @@ def test_documented_align_options_parse():
         build_aux_loss("alignment", 8, options=opts)  # the module accepts them too
     with pytest.raises(ValueError, match="unknown key 'noise' for --aux-loss alignment; valid: metric"):
         parse_aux_options("alignment", ["noise=0.5"])
+
+
+def test_readme_python_examples_run():
+    """The README's Python code blocks run as written."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
