@@ -2,8 +2,6 @@
 # The op tests on the oldest supported torch (requirements-oldest-torch.txt): a venv of its own, the
 # extension built CPU-only in a copy of the tree (an extension built for one torch does not load in
 # another, so the in-tree build of scripts/test.sh stays untouched), then tests/ except tests/train.
-# The Triton tests are left out: without a GPU they run under Triton's interpreter, whose kernels
-# torch 2.11's wrap_triton rejects (torch 2.14 accepts them); on a GPU they run as usual.
 # Everything lives under build/oldest-torch/ (OLDEST_TORCH_DIR); a second run reuses the venv and
 # recompiles only what changed.
 set -euo pipefail
@@ -29,4 +27,4 @@ EXGRAMED_FORCE_CPU=1 "$venv/bin/python" -m pip install -q --no-build-isolation -
 "$venv/bin/python" -c "import exgramed_kernels as ek; assert ek.HAS_EXTENSION, 'extension not built'"
 echo "oldest torch: CPU build in $((SECONDS - t0)) s"
 
-"$venv/bin/python" -m pytest tests -q -p no:cacheprovider --ignore=tests/train -k "not triton" "$@"
+"$venv/bin/python" -m pytest tests -q -p no:cacheprovider --ignore=tests/train "$@"

@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 from benchmarks import report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# The peers the tables must show wherever their package is installed (requirements-dev.txt installs them).
+# The peers the tables must show wherever their package is installed (requirements-test.txt installs them).
 PEERS = {"knn_graph": {"addmm+topk", "FAISS flat"}, "graph_conv": {"PyG GraphConv"},
          "linear_assignment": {"scipy linear_sum_assignment", "lap.lapjv", "torch-linear-assignment"},
          "qap_solve": {"pygmtools RRWM", "scipy FAQ, KB instances"}, "align": {"official-equivalent"}}

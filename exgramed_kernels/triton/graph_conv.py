@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from . import launchable
 from ..checks import check_graph_conv_args
 from ..reference.graph_conv import aggregation_edges
 
@@ -125,7 +126,7 @@ def graph_conv_forward_triton(
         ptr, col, w, selfw, _, _, _ = _csr(nbr, aggr, reverse, acc)
         dummy = ptr
         grid = (G * N, triton.cdiv(d, BLOCK_D))
-        wrap_triton(_gc_aggregate_kernel)[grid](
+        launchable(_gc_aggregate_kernel)[grid](
             xc, ptr, col, w if w is not None else dummy, selfw if selfw is not None else dummy, agg,
             argmax if aggr == "max" else dummy, N, d, col.shape[1], BLOCK=BLOCK_D, **_flags(x, aggr, w, selfw),
         )
@@ -178,7 +179,7 @@ def graph_conv_backward_triton(
         back = torch.empty_like(gagg)
         dummy = tptr
         grid = (G * N, triton.cdiv(d, BLOCK_D))
-        wrap_triton(_gc_aggregate_backward_kernel)[grid](
+        launchable(_gc_aggregate_backward_kernel)[grid](
             gagg, tptr, tcol, tpos, w if w is not None else dummy, selfw if selfw is not None else dummy,
             argmax if aggr == "max" else dummy, back, N, d, tcol.shape[1], BLOCK=BLOCK_D,
             **_flags(x, aggr, w, selfw),

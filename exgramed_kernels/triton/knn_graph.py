@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from . import launchable
 from ..checks import check_knn_args, is_concrete
 
 MAX_N = 4096
@@ -85,7 +86,7 @@ def knn_graph_triton(x: torch.Tensor, k: int, metric: str = "l2") -> torch.Tenso
     block_n = max(16, triton.next_power_of_2(N))
     block_m = 16 if block_n <= 1024 else 8
     grid = (G, triton.cdiv(N, block_m))
-    wrap_triton(_knn_kernel)[grid](
+    launchable(_knn_kernel)[grid](
         xc, sq, out, N, xc.shape[2], k, xc.stride(0), xc.stride(1),
         IS_L2=metric == "l2", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=32,
     )

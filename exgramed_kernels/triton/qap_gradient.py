@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from . import launchable
 from ..checks import check_gradient_args
 
 
@@ -84,6 +85,6 @@ def qap_gradient_triton(X: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor,
     in1, in2 = _in_edges(nbr1), _in_edges(nbr2)
     BX = BY = 16
     grid = (G * R, triton.cdiv(N, BX), triton.cdiv(N, BY))
-    wrap_triton(_qap_grad_kernel)[grid](Xf, Q.float().contiguous(), nbr1.contiguous(), nbr2.contiguous(), in1, in2,
+    launchable(_qap_grad_kernel)[grid](Xf, Q.float().contiguous(), nbr1.contiguous(), nbr2.contiguous(), in1, in2,
                                         out, N, k, R, in1.shape[2], in2.shape[2], BLOCK_X=BX, BLOCK_Y=BY)
     return out.to(X.dtype)
