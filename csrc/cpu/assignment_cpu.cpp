@@ -230,6 +230,27 @@ EXGRAMED_MULTIVERSION void update_column_duals(const double* spc, const double* 
   for (int64_t j = 0; j < n; ++j) v[j] = spc[j] != spc[j] ? v[j] - (min_val - dist[j]) : v[j];
 }
 
+// After the search from free row `cur` reached the free column `sink` at distance min_val: the row
+// duals of the rows it scanned (each keeps its assigned pair tight), then the flip of the alternating
+// path sink <- ... <- cur (path[j]: the row a column was reached from), which assigns cur.
+inline void update_row_duals(LapWorkspace& ws, int64_t cur, double min_val, double* u, const double* dist) {
+  u[cur] += min_val;
+  for (const int64_t r : ws.scanned_rows) {
+    if (r != cur) u[r] += min_val - dist[ws.col4row[r]];
+  }
+}
+
+inline void augment(LapWorkspace& ws, int64_t cur, int64_t sink) {
+  for (int64_t j = sink;;) {
+    const int64_t r = ws.path[j];
+    ws.row4col[j] = r;
+    const int64_t prev = ws.col4row[r];
+    ws.col4row[r] = j;
+    j = prev;
+    if (r == cur) break;
+  }
+}
+
 // Jonker-Volgenant's augmenting row reduction (two passes) on the free rows left by the greedy row
 // reduction: a free row takes its cheapest column, lowering that column's potential by the gap to
 // its second cheapest (so the displaced owner, no longer tight there, is free and retried). Keeps
@@ -576,21 +597,10 @@ struct CandidateSolve {
         i = ws.row4col[j];
       }
     }
-    u[cur] += min_val;
-    for (const int64_t r : ws.scanned_rows) {
-      if (r != cur) u[r] += min_val - dist[ws.col4row[r]];
-    }
+    update_row_duals(ws, cur, min_val, u, dist);
     for (const int64_t j : ws.reached) v[j] -= min_val - dist[j];
     for (const int64_t j : ws.todo) spc[j] = kInf;  // every touched column (the reached ones too)
-    int64_t j = sink;
-    while (true) {
-      const int64_t r = ws.path[j];
-      ws.row4col[j] = r;
-      const int64_t prev = ws.col4row[r];
-      ws.col4row[r] = j;
-      j = prev;
-      if (r == cur) break;
-    }
+    augment(ws, cur, sink);
   }
 
   void run(bool row_reduction) {
@@ -673,20 +683,9 @@ void lap_impl(const double* score, const double* score2, double scale2, int64_t 
         i = ws.row4col[j];
       }
     }
-    u[cur] += min_val;
-    for (const int64_t r : ws.scanned_rows) {
-      if (r != cur) u[r] += min_val - dist[ws.col4row[r]];
-    }
+    update_row_duals(ws, cur, min_val, u, dist);
     update_column_duals(spc, dist, min_val, n, v);
-    int64_t j = sink;
-    while (true) {
-      const int64_t r = ws.path[j];
-      ws.row4col[j] = r;
-      const int64_t prev = ws.col4row[r];
-      ws.col4row[r] = j;
-      j = prev;
-      if (r == cur) break;
-    }
+    augment(ws, cur, sink);
   }
 }
 
