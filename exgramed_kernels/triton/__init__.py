@@ -6,6 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch.library import wrap_triton
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a triton without the interpreter: no kernel is interpreted
+    InterpretedFunction = ()  # type: ignore[assignment,misc]
+
 
 def launchable(kernel: Any) -> Any:
     """``wrap_triton(kernel)``, or the kernel itself when Triton interprets it (TRITON_INTERPRET=1).
@@ -14,10 +21,4 @@ def launchable(kernel: Any) -> Any:
     torch >= 2.14's ``wrap_triton`` returns it as it is, torch 2.11-2.13's raises. This does the
     former on every supported torch.
     """
-    from torch.library import wrap_triton
-
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        InterpretedFunction = ()  # type: ignore[assignment,misc]
     return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)

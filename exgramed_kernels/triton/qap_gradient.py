@@ -86,5 +86,5 @@ def qap_gradient_triton(X: torch.Tensor, nbr1: torch.Tensor, nbr2: torch.Tensor,
     BX = BY = 16
     grid = (G * R, triton.cdiv(N, BX), triton.cdiv(N, BY))
     launchable(_qap_grad_kernel)[grid](Xf, Q.float().contiguous(), nbr1.contiguous(), nbr2.contiguous(), in1, in2,
-                                        out, N, k, R, in1.shape[2], in2.shape[2], BLOCK_X=BX, BLOCK_Y=BY)
+                                       out, N, k, R, in1.shape[2], in2.shape[2], BLOCK_X=BX, BLOCK_Y=BY)
     return out.to(X.dtype)
