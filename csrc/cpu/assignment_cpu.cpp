@@ -59,48 +59,60 @@ inline void reduced8(const double* c, const double* v, int64_t j, quad& h0, quad
   h1 = c1 - v1;
 }
 
-// The first j >= from with c_j - v_j == value (-1 if none), a block of eight at a time.
-EXGRAMED_MULTIVERSION int64_t first_reduced_equal(const double* c, const double* v, int64_t n, int64_t from,
-                                                  double value) {
-  int64_t j = from;
-  for (; j < n && (j & (kLanes - 1)) != 0; ++j) {
-    if (c[j] - v[j] == value) return j;
-  }
-  const quad bq = {value, value, value, value};
-  for (; j + kLanes <= n; j += kLanes) {
-    quad h0, h1;
-    reduced8(c, v, j, h0, h1);
-    const auto hit = (h0 == bq) | (h1 == bq);
-    if ((hit[0] | hit[1] | hit[2] | hit[3]) != 0) break;
-  }
-  for (; j < n; ++j) {
-    if (c[j] - v[j] == value) return j;
-  }
-  return -1;
+// The least (value, index) of eight lanes -- values x, indices xi (-1: an empty lane, value +inf) --
+// ties to the lower index: the minimum value, then the least index among the lanes holding it
+// (-1 when every lane is empty).
+inline void lanes_argmin(const quad x[2], const quadi xi[2], double* m, int64_t* k) {
+  const quad x01 = x[0] < x[1] ? x[0] : x[1];
+  const double best = std::min(std::min(x01[0], x01[1]), std::min(x01[2], x01[3]));
+  const quad bq = {best, best, best, best};
+  const quadi none = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+  const quadi k0 = (x[0] == bq) & (xi[0] >= 0) ? xi[0] : none;
+  const quadi k1 = (x[1] == bq) & (xi[1] >= 0) ? xi[1] : none;
+  const quadi k01 = k0 < k1 ? k0 : k1;
+  const int64_t first = std::min(std::min(k01[0], k01[1]), std::min(k01[2], k01[3]));
+  *m = best;
+  *k = first == INT64_MAX ? -1 : first;
 }
 
 // The minimum of c - v and its first index (-1 and +inf if every entry is +inf): the row reduction's
-// u_i and its column. The minimum in lanes, then a scan for its first occurrence.
+// u_i and its column. Each lane keeps its minimum and first index (strict <), then the lanes and the
+// tail are merged in (value, index) order.
 EXGRAMED_MULTIVERSION double reduced_min_first(const double* c, const double* v, int64_t n, int64_t* arg) {
-  quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
+  quad m[2] = {{kInf, kInf, kInf, kInf}, {kInf, kInf, kInf, kInf}};
+  quadi mi[2] = {{-1, -1, -1, -1}, {-1, -1, -1, -1}};
+  quadi jv[2] = {{0, 1, 2, 3}, {4, 5, 6, 7}};
+  const quadi step = {kLanes, kLanes, kLanes, kLanes};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    quad h0, h1;
-    reduced8(c, v, j, h0, h1);
-    m0 = h0 < m0 ? h0 : m0;
-    m1 = h1 < m1 ? h1 : m1;
+    quad hq[2];
+    reduced8(c, v, j, hq[0], hq[1]);
+    for (int q = 0; q < 2; ++q) {
+      const auto lt = hq[q] < m[q];
+      m[q] = lt ? hq[q] : m[q];
+      mi[q] = lt ? jv[q] : mi[q];
+      jv[q] += step;
+    }
   }
-  double best = kInf;
-  for (; j < n; ++j) best = c[j] - v[j] < best ? c[j] - v[j] : best;
-  for (int l = 0; l < 4; ++l) best = std::min({best, m0[l], m1[l]});
-  *arg = best < kInf ? first_reduced_equal(c, v, n, 0, best) : -1;
+  double best;
+  int64_t k;
+  lanes_argmin(m, mi, &best, &k);
+  for (; j < n; ++j) {
+    const double h = c[j] - v[j];
+    if (h < best) {
+      best = h;
+      k = j;
+    }
+  }
+  *arg = best < kInf ? k : -1;
   return best;
 }
 
 // The two smallest of h = c - v in one pass: (u1, j1) the minimum and its first index, (u2, j2) the
 // minimum over j != j1 and its first index (u2 = +inf, j2 = -1 for n = 1). Each lane runs the
-// sequential two-smallest scan (strict <: first indices) on its columns; the global pair is the best
-// lane minimum, then the best of the other lanes' minima and the winning lane's second.
+// sequential two-smallest scan (strict <: first indices) on its columns; the global first is the least
+// (value, index) of the lanes' firsts, the global second the least of the other lanes' firsts and the
+// winning lane's second (a lane's second comes after its first in that order).
 EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_t n, double* u1, int64_t* j1,
                                         double* u2, int64_t* j2) {
   quad a[2] = {{kInf, kInf, kInf, kInf}, {kInf, kInf, kInf, kInf}}, b[2] = {a[0], a[0]};
@@ -121,29 +133,33 @@ EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_
       jv[q] += step;
     }
   }
-  // (value, index) candidates: the lanes' two smallest and the tail, ordered by (value, index).
-  double m1 = kInf, m2 = kInf;
-  int64_t k1 = -1, k2 = -1;
+  double m1, m2;
+  int64_t k1, k2;
+  lanes_argmin(a, ai, &m1, &k1);
+  const quad mq = {m1, m1, m1, m1};
+  const quadi kq = {k1, k1, k1, k1};
+  quad rest[2];
+  quadi resti[2];
+  for (int q = 0; q < 2; ++q) {
+    const auto won = (a[q] == mq) & (ai[q] == kq);
+    rest[q] = won ? b[q] : a[q];
+    resti[q] = won ? bi[q] : ai[q];
+  }
+  lanes_argmin(rest, resti, &m2, &k2);
+  // The tail (n mod 8 columns), merged in (value, index) order.
   auto before = [](double x, int64_t ix, double y, int64_t iy) { return iy < 0 || x < y || (x == y && ix < iy); };
-  auto add = [&](double x, int64_t ix) {
-    if (ix < 0) return;
-    if (before(x, ix, m1, k1)) {
+  for (; j < n; ++j) {
+    const double x = c[j] - v[j];
+    if (before(x, j, m1, k1)) {
       m2 = m1;
       k2 = k1;
       m1 = x;
-      k1 = ix;
-    } else if (before(x, ix, m2, k2)) {
+      k1 = j;
+    } else if (before(x, j, m2, k2)) {
       m2 = x;
-      k2 = ix;
-    }
-  };
-  for (int q = 0; q < 2; ++q) {
-    for (int l = 0; l < 4; ++l) {
-      add(a[q][l], ai[q][l]);
-      add(b[q][l], bi[q][l]);
+      k2 = j;
     }
   }
-  for (; j < n; ++j) add(c[j] - v[j], j);
   *u1 = m1;
   *j1 = k1;
   *u2 = m2;
