@@ -1,6 +1,6 @@
-// Row reductions (row_reductions.h): exact-order float64 sums of two rows. target_clones compiles
-// AVX-512 and AVX2/FMA copies next to the baseline one and picks at load time, so the float64 loop
-// vectorises where the CPU allows.
+// Row reductions (row_reductions.h): exact-order float64 sums of two rows, and the finiteness test of
+// a buffer. target_clones compiles AVX-512 and AVX2/FMA copies next to the baseline one and picks at
+// load time, so the loops vectorise where the CPU allows (baseline x86-64 has no 64-bit compare).
 #include "row_reductions.h"
 
 #include "multiversion.h"
@@ -40,6 +40,24 @@ EXGRAMED_MULTIVERSION double sq_dist_f64(const double* a, const double* b, int64
 }
 EXGRAMED_MULTIVERSION double dot_f64(const double* a, const double* b, int64_t d) {
   return reduce8<double, false>(a, b, d);
+}
+
+// A value is NaN or Inf exactly when its exponent bits are all ones: an integer OR-reduction.
+template <typename bits_t>
+inline bool no_full_exponent(const bits_t* p, int64_t n, bits_t exponent) {
+  bits_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<bits_t>((p[i] & exponent) == exponent);
+  return bad == 0;
+}
+
+EXGRAMED_MULTIVERSION bool finite_bits64(const uint64_t* p, int64_t n, uint64_t exponent) {
+  return no_full_exponent(p, n, exponent);
+}
+EXGRAMED_MULTIVERSION bool finite_bits32(const uint32_t* p, int64_t n, uint32_t exponent) {
+  return no_full_exponent(p, n, exponent);
+}
+EXGRAMED_MULTIVERSION bool finite_bits16(const uint16_t* p, int64_t n, uint16_t exponent) {
+  return no_full_exponent(p, n, exponent);
 }
 
 }  // namespace exgramed
