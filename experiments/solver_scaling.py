@@ -14,7 +14,7 @@ at more threads wall time (ours only: lapjv is single-threaded).
 
 ``stages``: one forward + backward of ``MultiGraphAlignment(512, official=True, dropout=0)`` (the
 setting of benchmarks/RESULTS.md) and of the default module at K = 3, k = 5, against the GEMM floor
-(``compare_align.floor_gemms``, the GraphConv linear layers' forward + backward) in the same rounds. The
+(``benchmarks.align.floor_gemms``, the GraphConv linear layers' forward + backward) in the same rounds. The
 stages are the op's calls run one by one: knn (``knn_graph``), graph_conv (both layers, forward), scores
 (``problem_scores`` with the in-kernel quadratic noise, and the unary noise), solve fwd (the batched
 ``qap_solve``), solve bwd (the estimator's re-solve at ``U - lambda dL/dZ``, the Hamming loss's gradient,
@@ -22,10 +22,10 @@ on the forward's Q tensor as in the step);
 "backward rest" is the whole step minus those. Exponents: least-squares slopes of log time on log B over
 all B measured.
 
-``quality``: align's forward problems (``compare_align.forward_problems``: the 2K = 6 noisy problems of a
+``quality``: align's forward problems (``benchmarks.align.forward_problems``: the 2K = 6 noisy problems of a
 batch, x ~ N(0, 1), d = h = 512) at the default and the official settings, ``qap_solve`` with the
 module's solver options; objectives in float64 against the official-equivalent solver
-(``compare_align.peer_objectives``: scipy-LAP Frank-Wolfe, 50 iterations) and against the objectives of
+(``benchmarks.align.peer_objectives``: scipy-LAP Frank-Wolfe, 50 iterations) and against the objectives of
 the base commit's solver on the same problems (``--part objectives`` run there with ``--root`` pointing at
 its build, written to experiments/results/solver_scaling_base_objectives.json).
 
@@ -170,7 +170,10 @@ def _stage_times(m, x, clock):
 
 
 def part_stages(threads_list, sizes=(16, 64, 256, 1024), rounds=None):
-    from benchmarks.compare_align import floor_gemms
+    from benchmarks.align import floor_gemms
+
+    def floor_step(x, ws):  # forward + backward, the input's gradient included
+        floor_gemms(x.detach().requires_grad_(), ws).sum().backward()
 
     out = []
     for threads in threads_list:
@@ -188,14 +191,14 @@ def part_stages(threads_list, sizes=(16, 64, 256, 1024), rounds=None):
 
                 n = rounds or (7 if B <= 64 else 3 if B <= 256 else 2)
                 step()
-                floor_gemms(x, ws)
+                floor_step(x, ws)
                 tot, flo, st = [], [], []
                 for _ in range(n):
                     t0 = clock()
                     step()
                     tot.append(clock() - t0)
                     t0 = clock()
-                    floor_gemms(x, ws)
+                    floor_step(x, ws)
                     flo.append(clock() - t0)
                     st.append(_stage_times(m, x, clock))
                 stages = {k: statistics.median(s[k] for s in st) for k in st[0]}
@@ -234,7 +237,7 @@ def exponents(recs, key, min_b=0):
 
 def problems(setting, B, batch):
     """align's forward problems of one random batch: (U, Q, nbr1, nbr2, config)."""
-    from benchmarks.compare_align import forward_problems
+    from benchmarks.align import forward_problems
 
     torch.manual_seed(1000 * B + batch)
     x = torch.randn(K, B, D)
@@ -280,7 +283,7 @@ def compare_baseline(rec, baseline):
 
 
 def part_quality(batches, baseline):
-    from benchmarks.compare_align import peer_objectives
+    from benchmarks.align import peer_objectives
 
     out = []
     for setting in SETTINGS:
