@@ -170,9 +170,11 @@ EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_
 // live column, spc[j] = min(spc[j], base + c_ij - v_j) (path[j] = i where it improves), and return the
 // live column of least distance -- ties to a free column (row4col < 0), then to the lowest index --
 // with that distance in *lowest; -1 if no live column is reachable. A reached column has spc = NaN:
-// it compares false, so it is never relaxed, never the minimum, never equal to it.
-EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, const int64_t* row4col, double base,
-                                             int64_t i, int64_t n, double* spc, int64_t* path, double* lowest) {
+// it compares false, so it is never relaxed, never the minimum, never equal to it. free_cols: the
+// nfree free columns in increasing order (the tie rule reads those instead of a second full pass).
+EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, const int64_t* row4col,
+                                             const int64_t* free_cols, int64_t nfree, double base, int64_t i,
+                                             int64_t n, double* spc, int64_t* path, double* lowest) {
   const quad bq = {base, base, base, base};
   const quadi iq = {i, i, i, i};
   quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
@@ -213,30 +215,22 @@ EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, 
   for (int l = 0; l < 4; ++l) best = std::min({best, m0[l], m1[l]});
   *lowest = best;
   if (!(best < kInf)) return -1;
-  // The live columns at distance best, a block of eight at a time (usually one in all).
+  // The first live column at distance best (a block of eight at a time), unless a free column ties
+  // with it: the lowest of those (free_cols: the free columns, ascending).
   const quad eq = {best, best, best, best};
-  int64_t first = -1;
-  auto visit = [&](int64_t jj) {
-    if (spc[jj] == best) {
-      if (row4col[jj] < 0) return true;
-      if (first < 0) first = jj;
-    }
-    return false;
-  };
   for (j = 0; j + kLanes <= n; j += kLanes) {
     quad s0, s1;
     std::memcpy(&s0, spc + j, sizeof(s0));
     std::memcpy(&s1, spc + j + 4, sizeof(s1));
     const auto hit = (s0 == eq) | (s1 == eq);
-    if ((hit[0] | hit[1] | hit[2] | hit[3]) == 0) continue;
-    for (int l = 0; l < kLanes; ++l) {
-      if (visit(j + l)) return j + l;
-    }
+    if ((hit[0] | hit[1] | hit[2] | hit[3]) != 0) break;
   }
-  for (; j < n; ++j) {
-    if (visit(j)) return j;
+  while (spc[j] != best) ++j;
+  if (row4col[j] < 0) return j;
+  for (int64_t t = 0; t < nfree; ++t) {
+    if (free_cols[t] > j && spc[free_cols[t]] == best) return free_cols[t];
   }
-  return first;
+  return j;
 }
 
 // After a search that reached the columns with spc[j] = NaN, at distance dist[j] (sink at min_val):
@@ -682,13 +676,18 @@ void lap_impl(const double* score, const double* score2, double scale2, int64_t 
     if (ws.col4row[cur] >= 0) continue;
     std::fill(spc, spc + n, kInf);
     ws.scanned_rows.clear();
+    ws.free_cols.clear();
+    for (int64_t j = 0; j < n; ++j) {
+      if (ws.row4col[j] < 0) ws.free_cols.push_back(j);
+    }
     double min_val = 0.0;
     int64_t i = cur, sink = -1;
     while (sink < 0) {
       ws.scanned_rows.push_back(i);
       double lowest = kInf;
       const int64_t j =
-          relax_and_pick(cm + i * n, v, ws.row4col.data(), min_val - u[i], i, n, spc, ws.path.data(), &lowest);
+          relax_and_pick(cm + i * n, v, ws.row4col.data(), ws.free_cols.data(), static_cast<int64_t>(ws.free_cols.size()),
+                         min_val - u[i], i, n, spc, ws.path.data(), &lowest);
       TORCH_CHECK(j >= 0, "linear_assignment: no finite assignment exists");
       min_val = lowest;
       dist[j] = lowest;
