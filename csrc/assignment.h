@@ -18,6 +18,8 @@ namespace exgramed {
 struct LapWorkspace {
   int64_t n = -1;
   std::vector<double> u, v, spc, dist, cost;
+  // free_rows / next_rows: the augmenting row reduction's lists; free_cols: the columns still free
+  // during one shortest-path search.
   std::vector<int64_t> col4row, row4col, path, scanned_rows, free_rows, next_rows, free_cols;
   // The candidate solve (assignment_cpu.cpp): per row its m cheapest columns by
   // reduced cost and their costs, the bound theta on the reduced costs of the others, a row buffer, and
