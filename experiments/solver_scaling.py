@@ -31,7 +31,7 @@ the base commit's solver on the same problems (``--part objectives`` run there w
 its build, written to experiments/results/solver_scaling_base_objectives.json).
 
 ``memory``: the resident-set rise of one forward + backward at B = 1024 in a fresh process
-(``benchmarks.overhead --memory-child``).
+(``python -m benchmarks.overhead ours B d 1``).
 """
 from __future__ import annotations
 
@@ -319,14 +319,14 @@ def part_quality(batches, baseline):
 
 def part_memory(B=1024):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--memory-child", "ours", str(B), str(D),
-                        "--threads", "1"], capture_output=True, text=True, env=env, cwd=ROOT)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "ours", str(B), str(D), "1"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-2000:])
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    r["dense_q_bytes"] = 2 * K * (B * KNN) ** 2 * 4
+    r = dict(B=B, d=D, peak_rise_bytes=json.loads(p.stdout.strip().splitlines()[-1]),
+             dense_q_bytes=2 * K * (B * KNN) ** 2 * 4)
     print(f"memory B={B}: +{r['peak_rise_bytes'] / 2**30:.3f} GiB", flush=True)
-    return {k: r[k] for k in ("B", "d", "peak_rise_bytes", "dense_q_bytes")}
+    return r
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -384,10 +384,10 @@ def render(res):
             need = "unreachable (the rest alone exceeds it)" if rest >= allowed else f"{solver / (allowed - rest):.1f}x"
             L.append(f"| {r['setting']} | {r['B']} | {TARGETS[r['B']]:.1f}x | {ms(allowed)} | {ms(rest)} | "
                      f"{ms(solver)} | {need} |")
-        L += ["", "Two threads: wall time. On the shared 2-core machine of these runs (several other jobs, load "
-              "average about 10), an OpenMP region of two threads stalls for tens of milliseconds, so the two-thread "
-              "rows measure the machine's load, not the kernels' scaling; the one-thread rows (CPU time) are the "
-              "figures to compare.", ""]
+        load = res.get("stages_load")
+        L += ["", "Two threads: wall time, which on a shared machine includes the other jobs' interference"
+              + (f" (load average {load[0]:.1f} at the start of this part, {load[1]:.1f} at its end)" if load else "")
+              + "; the one-thread rows (CPU time) are the figures to compare.", ""]
     if res.get("quality"):
         baseline = None
         if os.path.exists(BASELINE_PATH):
@@ -417,18 +417,20 @@ def render(res):
     return "\n".join(L)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", default="all", choices=["lap", "stages", "quality", "memory", "objectives", "all",
                                                       "render"])
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--sizes", default="16,64,256,1024")
+    ap.add_argument("--sizes", default="16,64,256,1024", help="stages: B")
+    ap.add_argument("--lap-sizes", default="64,256,1024", help="lap: N")
+    ap.add_argument("--memory-b", type=int, default=1024, help="memory: B")
     ap.add_argument("--batches", default="16:17,64:17,256:17,1024:2",
                     help="quality: B:batches (6 problems per batch)")
     ap.add_argument("--objectives-out", help="--part objectives: where to write")
     ap.add_argument("--root", help="import exgramed_kernels from this checkout (the base commit's build)")
     ap.add_argument("--json-dir", help="write the parts' JSON (and read them for the markdown) here instead")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.json_dir:
         JSON_DIR[0] = a.json_dir
     threads = [int(t) for t in a.threads.split(",")]
@@ -443,8 +445,9 @@ def main():
                f"Python {platform.python_version()}.")
     todo = PARTS if a.part == "all" else () if a.part == "render" else (a.part,)
     for part in todo:
+        load_start = os.getloadavg()[0]
         if part == "lap":
-            r = part_lap(threads)
+            r = part_lap(threads, tuple(int(n) for n in a.lap_sizes.split(",")))
         elif part == "stages":
             r = part_stages(threads, sizes)
         elif part == "quality":
@@ -454,9 +457,9 @@ def main():
                     baseline = json.load(f)
             r = part_quality(batches, baseline)
         else:
-            r = part_memory()
+            r = part_memory(a.memory_b)
         with open(json_path(part), "w") as f:
-            json.dump({"machine": machine, part: r}, f, indent=1)
+            json.dump({"machine": machine, part: r, "load": [load_start, os.getloadavg()[0]]}, f, indent=1)
     res = {}
     for part in PARTS:
         if os.path.exists(json_path(part)):
@@ -464,10 +467,12 @@ def main():
                 d = json.load(f)
             res[part] = d[part]
             res["machine"] = d["machine"]
+            res[f"{part}_load"] = d.get("load")
     md = MD_PATH if not a.json_dir else os.path.join(a.json_dir, "solver_scaling.md")
     with open(md, "w") as f:
         f.write(render(res) + "\n")
     print("wrote", md)
+    return md
 
 
 if __name__ == "__main__":

@@ -114,3 +114,25 @@ def test_solver_budget_experiment(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     text = open(path).read()
     assert text.count("\n| 16 | ") == len(solver_budget.BUDGETS) and "python -m experiments.solver_budget" in text
+
+
+def test_solver_scaling_experiment(tmp_path):
+    from experiments import solver_scaling
+
+    threads = torch.get_num_threads()
+    try:
+        md = solver_scaling.main(["--threads", "1", "--sizes", "16,24", "--lap-sizes", "16", "--batches", "16:1",
+                                  "--memory-b", "24", "--json-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    text = open(md).read()
+    for heading in ("## linear_assignment against lap.lapjv", "## align: stages against B", "## Quality contract",
+                    "## Peak memory"):
+        assert heading in text
+    stages = json.loads((tmp_path / "solver_scaling_stages.json").read_text())["stages"]
+    assert {(r["setting"], r["B"]) for r in stages} == {(s, b) for s in ("default", "official") for b in (16, 24)}
+    assert all(r["floor"] > 0 and r["total"] > 0 for r in stages)
+    lap = json.loads((tmp_path / "solver_scaling_lap.json").read_text())["lap"]
+    assert lap[0]["max_objective_gap"] < 1e-9 and lap[0]["lapjv"] > 0
+    quality = json.loads((tmp_path / "solver_scaling_quality.json").read_text())["quality"]
+    assert [r["problems"] for r in quality] == [6, 6]
