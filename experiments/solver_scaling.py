@@ -381,7 +381,8 @@ def render(res):
             allowed = TARGETS[r["B"]] * r["floor"]
             solver = r["stages"]["solve fwd"] + r["stages"]["solve bwd"]
             rest = r["total"] - solver
-            need = "unreachable (the rest alone exceeds it)" if rest >= allowed else f"{solver / (allowed - rest):.1f}x"
+            need = ("unreachable (the rest alone exceeds it)" if rest >= allowed
+                    else "none (met)" if rest + solver <= allowed else f"{solver / (allowed - rest):.1f}x")
             L.append(f"| {r['setting']} | {r['B']} | {TARGETS[r['B']]:.1f}x | {ms(allowed)} | {ms(rest)} | "
                      f"{ms(solver)} | {need} |")
         load = res.get("stages_load")
