@@ -98,10 +98,20 @@ def peak(which: str, B: int, d: int, device: str) -> int:
     return _status("VmHWM") - before
 
 
+def peak_in_fresh_process(which: str, B: int, d: int, threads: int) -> int:
+    """:func:`peak` on the CPU in a fresh process (this module's command line), so that nothing this
+    process already holds hides the rise."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "benchmarks.overhead", which, str(B), str(d), str(threads)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if p.returncode != 0:
+        raise RuntimeError(f"memory of {which} at B={B} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def memory(scale: str, device: str, log=print) -> list[dict]:
     """Peak memory of ours and the official-equivalent against B (CPU: a fresh process per point)."""
     rows, d = [], 32 if scale == "tiny" else 512
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for B in MEM_B[scale]:
         for which in ("ours", "official-equivalent"):
             if which != "ours" and B > MEM_OFFICIAL_MAX_B[scale]:
@@ -109,11 +119,7 @@ def memory(scale: str, device: str, log=print) -> list[dict]:
             if device == "cuda":
                 nbytes = peak(which, B, d, device)
             else:
-                cmd = [sys.executable, "-m", "benchmarks.overhead", which, str(B), str(d), str(torch.get_num_threads())]
-                p = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-                if p.returncode != 0:
-                    raise RuntimeError(f"memory of {which} at B={B} failed:\n{p.stderr[-2000:]}")
-                nbytes = json.loads(p.stdout.strip().splitlines()[-1])
+                nbytes = peak_in_fresh_process(which, B, d, torch.get_num_threads())
             rows.append(dict(which=which, B=B, d=d, device=device, peak_bytes=nbytes))
             log(f"memory {which} B={B} d={d}: +{nbytes / 2**20:.1f} MiB")
     return rows

@@ -31,7 +31,7 @@ the base commit's solver on the same problems (``--part objectives`` run there w
 its build, written to experiments/results/solver_scaling_base_objectives.json).
 
 ``memory``: the resident-set rise of one forward + backward at B = 1024 in a fresh process
-(``python -m benchmarks.overhead ours B d 1``).
+(``benchmarks.overhead.peak_in_fresh_process``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -318,12 +317,9 @@ def part_quality(batches, baseline):
 
 
 def part_memory(B=1024):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "ours", str(B), str(D), "1"],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
-    if p.returncode != 0:
-        raise RuntimeError(p.stderr[-2000:])
-    r = dict(B=B, d=D, peak_rise_bytes=json.loads(p.stdout.strip().splitlines()[-1]),
+    from benchmarks.overhead import peak_in_fresh_process
+
+    r = dict(B=B, d=D, peak_rise_bytes=peak_in_fresh_process("ours", B, D, 1),
              dense_q_bytes=2 * K * (B * KNN) ** 2 * 4)
     print(f"memory B={B}: +{r['peak_rise_bytes'] / 2**30:.3f} GiB", flush=True)
     return r
