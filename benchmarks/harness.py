@@ -24,6 +24,7 @@ import importlib.util
 import os
 import platform
 import statistics
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -282,6 +283,11 @@ def machine(device: str) -> dict:
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     if device == "cuda":
         versions["cuda"] = torch.version.cuda
+        try:
+            versions["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                                capture_output=True, text=True, timeout=30).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            versions["driver"] = None
     for name in ("numpy", "scipy", "torch_geometric", "faiss", "lap", "pygmtools", "torch_linear_assignment",
                  "triton", "matplotlib"):
         try:

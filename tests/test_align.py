@@ -7,11 +7,13 @@ import exgramed_kernels as ek
 from exgramed_kernels import reference as R
 from exgramed_kernels.align import _cross_cosines, problem_graphs
 from exgramed_kernels.module import sample_gumbel
-from exgramed_kernels.testing import rel_err
+from exgramed_kernels.testing import devices, rel_err
 
 K, B, D, H, KNN = 3, 6, 7, 5, 2
 # Few starts keep the (pure-Python) reference solver fast; both sides use the same starts.
 FAST = dict(max_iter=20, restarts=2)
+# align runs on CUDA when its solver's CUDA kernel was built (the other ops' kernels come with it).
+DEVICES = devices("qap_solve")
 
 
 def make_inputs(dtype=torch.float64, seed=0, K=K, B=B, d=D, h=H, k=KNN, S=1, mode="barycenter", shared=False):
@@ -198,10 +200,11 @@ def test_upstream_and_mixed_precision():
 TWO_INDUCTOR_THREADS = {"cpp.threads": 2}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opts", [dict(), dict(official=True, mode="pairwise")], ids=["defaults", "official-pairwise"])
-def test_compile_fullgraph_matches_eager(opts):
-    m = _module(**opts)
-    x = make_inputs()[0]
+def test_compile_fullgraph_matches_eager(opts, device):
+    m = _module(**opts).to(device)
+    x = make_inputs()[0].to(device)
     cm = torch.compile(m, fullgraph=True)
     res = []
     # Inductor's own RNG differs from eager's; fallback_random draws the same noise as eager.
@@ -236,14 +239,15 @@ def test_cross_cosines_compiled_backward_matches_eager(mode):
     assert torch.allclose(compiled, grad_of(_cross_cosines), rtol=1e-12, atol=1e-14)
 
 
-def test_opcheck_align():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_align(device):
     x, ws, un, qn = make_inputs(B=5, d=4, h=3)
-    x.requires_grad_()
-    ws = [w.requires_grad_() for w in ws]
+    x, un, qn = x.to(device).requires_grad_(), un.to(device), qn.to(device)
+    ws = [w.to(device).requires_grad_() for w in ws]
     opts = dict(k=KNN, lambda_=20.0, noise_scale=0.5, max_iter=10)
     torch.library.opcheck(torch.ops.exgramed.align.default, (x, *ws, un, qn, None), opts)
     # the in-kernel quadratic noise (noise_seed) and the edge-length floor
-    seeds = torch.tensor([[7, 8, 9, 10, 11, 12]])
+    seeds = torch.tensor([[7, 8, 9, 10, 11, 12]], device=device)
     torch.library.opcheck(torch.ops.exgramed.align.default, (x, *ws, un, None, None, seeds), {**opts, "edge_floor": 0.2})
 
 
