@@ -16,7 +16,7 @@ DEVICES = devices("knn_graph")
 def assert_knn_matches_reference(nbr, x, k, metric):
     """Indices equal to the float64 reference, except where the reference itself has
     near-equal distances (then the chosen neighbours' exact distances must agree)."""
-    ref = reference.knn_graph(x.double(), k, metric)
+    ref = reference.knn_graph(x.double().cpu(), k, metric)
     assert nbr.shape == ref.shape and nbr.dtype == torch.long
     nbr = nbr.cpu()
     if torch.equal(nbr, ref):
@@ -259,7 +259,7 @@ def test_fallback_without_extension():
 
 @pytest.mark.skipif(not triton_available(), reason="triton not importable")
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("G,N,d,k", [(1, 5, 3, 2), (2, 37, 20, 5), (3, 16, 64, 15)])
+@pytest.mark.parametrize("G,N,d,k", [(1, 5, 3, 2), (2, 37, 20, 5), (3, 16, 64, 15), (1, 1000, 40, 5), (1, 2048, 20, 3)])
 def test_triton(metric, G, N, d, k):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(N + d)

@@ -8,16 +8,23 @@
 namespace exgramed {
 namespace {
 
+// Computed in float32 (float64 for float64), as the CPU kernel does: in float16 the squared differences
+// overflow past |h_i - h_j| ~ 256, and bfloat16 loses three digits.
+at::ScalarType compute_dtype(const at::Tensor& h) {
+  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 at::Tensor edge_sq_norms_cuda(const at::Tensor& h, const at::Tensor& nbr) {
   const c10::cuda::CUDAGuard guard(h.device());
   check_edge_sq_norms_args(h, nbr, "edge_sq_norms");
-  return edge_sq_norms_aten(h, nbr);
+  return edge_sq_norms_aten(h.to(compute_dtype(h)), nbr).to(h.scalar_type());
 }
 
 at::Tensor edge_sq_norms_backward_cuda(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
   const c10::cuda::CUDAGuard guard(h.device());
   check_edge_sq_norms_backward_args(grad, h, nbr);
-  return edge_sq_norms_backward_aten(grad, h, nbr);
+  const at::ScalarType ct = compute_dtype(h);
+  return edge_sq_norms_backward_aten(grad.to(ct), h.to(ct), nbr).to(h.scalar_type());
 }
 
 }  // namespace

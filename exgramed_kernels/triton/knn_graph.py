@@ -5,7 +5,7 @@ registers, so the distance matrix never touches memory. Distances are fp32 Gram-
 input scaled by a power of two (per graph for l2, per row for cosine; ``scaled_input``), so no
 square overflows or underflows whatever the input's magnitude; no fp64 refinement, unlike the
 C++ kernels: neighbours closer than fp32 GEMM rounding may swap. Exact duplicates tie exactly
-and resolve to the lower index. N <= 4096.
+and resolve to the lower index. N <= 2048.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch.library import triton_op
 from . import launchable
 from ..checks import check_knn_args, is_concrete
 
-MAX_N = 4096
+MAX_N = 2048  # one program holds BLOCK_M whole distance rows in registers
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def scaled_input(x: torch.Tensor, metric: str) -> torch.Tensor:
 
 @triton_op("exgramed_triton::knn_graph", mutates_args=())
 def knn_graph_triton(x: torch.Tensor, k: int, metric: str = "l2") -> torch.Tensor:
-    """Triton kernel of :func:`exgramed_kernels.knn_graph` (same contract; N <= 4096)."""
+    """Triton kernel of :func:`exgramed_kernels.knn_graph` (same contract; N <= 2048)."""
     check_knn_args(x, k, metric, check_values=False)
     G, N, _ = x.shape
     if N > MAX_N:
@@ -84,11 +84,15 @@ def knn_graph_triton(x: torch.Tensor, k: int, metric: str = "l2") -> torch.Tenso
     xc = xs.float().contiguous()
     sq = (xc * xc).sum(-1).contiguous()
     block_n = max(16, triton.next_power_of_2(N))
-    block_m = 16 if block_n <= 1024 else 8
+    # tl.dot needs tiles of at least 16; a pipeline stage holds (BLOCK_M + BLOCK_N) x BLOCK_D fp32 in shared
+    # memory (at most 227 KiB on Hopper): one stage of 16-wide feature chunks past 512 columns (132 KiB at 2048).
+    block_m, block_d = 16, 32 if block_n <= 512 else 16
+    big = block_n >= 1024
     grid = (G, triton.cdiv(N, block_m))
     launchable(_knn_kernel)[grid](
         xc, sq, out, N, xc.shape[2], k, xc.stride(0), xc.stride(1),
-        IS_L2=metric == "l2", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=32,
+        IS_L2=metric == "l2", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_stages=1 if big else 2, num_warps=8 if big else 4,
     )
     return out
 
