@@ -69,7 +69,10 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "exgramed_kernels")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if use_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        # libstdc++ as a shared library, even where the compiler driver links it statically (the GPU
+        # machines' /opt/gcc wrapper does): torch already holds the shared one, and a second, static copy
+        # inside _C crashed every error message that formats a number (std::ostream on its locale).
+        extra_link_args=["-fopenmp", "-Wl,--push-state,--no-as-needed,-Bdynamic", "-lstdc++", "-Wl,--pop-state"],
     )
     print(f"exgramed: building _C with {'CPU+CUDA (' + cuda_home + ')' if use_cuda else 'CPU only'} kernels")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

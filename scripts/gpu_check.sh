@@ -50,7 +50,7 @@ t0=$SECONDS
 EXGRAMED_FORCE_CUDA=1 timeout "${GPU_CHECK_BUILD_LIMIT:-270}" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 build_rc=$?
 tail -n 3 "$OUT/build.log"
-echo "build rc=$build_rc in $(( SECONDS - t0 )) s"
+echo "build rc=$build_rc in $(( SECONDS - t0 )) s; C++ runtime: $(ldd exgramed_kernels/_C*.so 2>/dev/null | grep -oE "libstdc\+\+[^ ]*|libgcc_s[^ ]*" | sort -u | tr '\n' ' ')"
 $PY - <<'EOF'
 import torch, exgramed_kernels as ek
 from exgramed_kernels.testing import has_kernel
@@ -66,11 +66,12 @@ tests_limit=$(( $(left) - 200 )); (( tests_limit > 150 )) && tests_limit=150; ((
 # test (tests/conftest.py), and kernel launches are synchronous so an error names the op that made it.
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n ${GPU_CHECK_TEST_WORKERS:-6}"
 EXGRAMED_TEST_EXIT_ON_CUDA_ERROR=1 CUDA_LAUNCH_BLOCKING=1 timeout "$tests_limit" \
-  $PY -m pytest tests -q -p no:cacheprovider --ignore=tests/train -rfE $xdist \
-  -k "cuda or triton or CUDA" > "$OUT/pytest.log" 2>&1
+  $PY -m pytest tests -v -p no:cacheprovider --ignore=tests/train -rfE $xdist \
+  -k "cuda or triton or CUDA or libstdcxx" > "$OUT/pytest.log" 2>&1
 test_rc=$?
-grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -n 20
-test_summary=$(tail -n 1 "$OUT/pytest.log")
+# -v: each result as it comes, so a run cut off by its time limit still names its failures
+grep -oE "(FAILED|ERROR) tests/[^ ]*" "$OUT/pytest.log" | sort -u | head -n 30
+test_summary="$(grep -cE "PASSED tests/" "$OUT/pytest.log") passed; last line: $(tail -n 1 "$OUT/pytest.log" | cut -c1-160)"
 echo "tests rc=$test_rc in $(( SECONDS - t0 )) s: $test_summary"
 (( test_rc == 124 )) && echo "TESTS TIMED OUT after $tests_limit s (raise GPU_CHECK_LIMIT or run them alone)"
 

@@ -3,6 +3,7 @@ documented --align-option examples valid."""
 import ast
 import inspect
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,16 @@ def _imports(path: Path) -> set[str]:
                 out.add(sub if (ROOT / sub.replace(".", "/")).with_suffix(".py").exists()
                         or (ROOT / sub.replace(".", "/") / "__init__.py").exists() else mod)
     return out
+
+
+@pytest.mark.skipif(not ek.HAS_EXTENSION, reason="the compiled extension is not built")
+def test_extension_links_the_shared_libstdcxx():
+    """_C loads the shared libstdc++ that torch also loads, even where the compiler driver links libstdc++
+    statically (setup.py): a second, static copy crashed every error message that formats a number."""
+    import exgramed_kernels._C as C
+
+    deps = subprocess.run(["ldd", C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in deps, deps
 
 
 def test_no_import_cycles_in_the_package():
