@@ -214,6 +214,43 @@ def memory_section(runs: dict[str, dict], out_dir: str) -> list[str]:
     return L
 
 
+def gpu_targets_section(out_dir: str) -> list[str]:
+    """The GPU targets beside their measured figures (``results/cuda_targets.json``, ``benchmarks.gpu_targets``)."""
+    path = os.path.join(out_dir, "results", "cuda_targets.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        d = json.load(f)
+    m, v = d["machine"], d["machine"]["versions"]
+    L = ["## GPU targets", "",
+         f"`python -m benchmarks.gpu_targets` (run by `scripts/gpu_check.sh`) on {m['gpu']}, driver {v.get('driver')}, "
+         f"CUDA {v.get('cuda')}, torch {v.get('torch')}, triton {v.get('triton')}; medians of CUDA events "
+         "(the CPU peer: its process clock).", ""]
+
+    def fig(t):
+        x = t["figure"]
+        if x is None:
+            return "-"
+        return fmt_time(x) if t["unit"] == "s" else f"{x:.2f}x"
+
+    def limit(t):
+        if t["unit"] == "s":
+            return f"< {fmt_time(t['limit'])}"
+        return f"<= {t['limit']:g}x" if t["unit"] == "x" else f"> {t['limit']:g}x (faster than the peer)"
+
+    rows = [[t["target"], limit(t), fig(t), {True: "met", False: "missed", None: "-"}[t["met"]]] for t in d["targets"]]
+    L += markdown_table(["target", "limit", "measured", ""], rows) + [""]
+    for part, err in d.get("errors", {}).items():
+        L += [f"Part `{part}` failed: `{err}`", ""]
+    g = d.get("cuda_graph")
+    if g:
+        L += [f"CUDA-graph capture of one align training step (`MultiGraphAlignment({g['d']})`, B = {g['B']}, "
+              "forward + backward): " + ("captured; a replay " + ("matches" if g["replay_matches"] else "does not match")
+                                         + " the eager step" if g["captured"] else f"not capturable: `{g['error']}`")
+              + ".", ""]
+    return L
+
+
 def render(out_dir: str) -> str:
     runs = {}
     for dev in DEVICES:
@@ -240,6 +277,7 @@ def render(out_dir: str) -> str:
           "(mean), and on how many of them ours is at least as good.", ""]
     if any(r["op"] == "overhead" for res in runs.values() for r in res["records"]):
         L += overhead_section(runs)
+    L += gpu_targets_section(out_dir)
     L += memory_section(runs, out_dir)
     for dev, res in runs.items():
         L += [f"## Ops against their peers ({device_name(res)})", ""]

@@ -96,6 +96,17 @@ def test_render_from_json_alone(tiny, tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "### align (GPU stand-in)" in text and "align fwd + bwd, GPU stand-in float32" in text
     assert (tmp_path / "results" / "align_cuda.png").exists()
+    # The GPU targets' file (benchmarks.gpu_targets), here from its CPU-capable part at tiny sizes.
+    from benchmarks import gpu_targets
+    from benchmarks.harness import machine
+
+    targets = dict(machine=machine("cpu"), targets=gpu_targets.floor_targets("cpu", "tiny"), errors={"lap": "X: y"},
+                   cuda_graph=dict(B=8, d=16, captured=False, replay_matches=None, error="RuntimeError: no"))
+    (tmp_path / "results" / "cuda_targets.json").write_text(json.dumps(targets))
+    report.main(["--render", "--out", str(tmp_path)])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## GPU targets" in text and "| knn_graph forward / floor: Gram GEMM, N = 16 | <= 2x |" in text
+    assert "Part `lap` failed: `X: y`" in text and "not capturable: `RuntimeError: no`" in text
 
 
 def test_solver_budget_experiment(tmp_path, monkeypatch):
