@@ -108,6 +108,10 @@ def op_section(op: str, res: dict, out_dir: str) -> list[str]:
             table.append([str(x)] + [str(first.get(k, "-")) for k in info] +
                          [cell(by.get(n), by.get(vs[n])) for n in names])
         L += [f"{mode}:", ""] + markdown_table(header, table) + [""]
+        slopes = growth_exponents(rows, names)
+        if slopes:
+            L += [f"Growth with {meta['x']} (least-squares slope of log time on log {meta['x']}, over the sizes above "
+                  "with a time): " + ", ".join(f"{label[n]} {e:.2f}" for n, e in slopes.items()) + ".", ""]
     why: dict[str, set] = {}
     for reason, name in [(r["skipped"], r["provider"]) for r in recs if "skipped" in r] + \
             [(p["unavailable"], p["name"]) for p in meta["providers"] if p["unavailable"]]:
@@ -122,6 +126,19 @@ def op_section(op: str, res: dict, out_dir: str) -> list[str]:
     png = f"{op}_{res['device']}.png"
     plot(recs, meta, names, os.path.join(out_dir, "results", png), f"{op} ({dev})")
     return L + [f"![{op}](results/{png})", ""]
+
+
+def growth_exponents(rows: list[dict], names: list[str]) -> dict[str, float]:
+    """Per provider with times at three sizes or more: the slope of log(median time) against log(size)."""
+    import numpy as np
+
+    out = {}
+    for n in names:
+        pts = sorted((r["x"], r["median"]) for r in rows if r["provider"] == n and "median" in r and r["median"] > 0)
+        if len(pts) >= 3:
+            x, t = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+            out[n] = float(np.polyfit(x, t, 1)[0])
+    return out
 
 
 def plot(recs: list[dict], meta: dict, names: list[str], path: str, title: str) -> None:
