@@ -15,8 +15,10 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import exgramed_kernels as ek
+from exgramed_kernels.testing import has_kernel
 
 NAN, INF = float("nan"), float("inf")
 
@@ -288,17 +290,33 @@ TABLES = {
 }
 
 
-def run_table(op: str) -> list[str]:
-    """Every case of op's table, eagerly and compiled: the failures, as lines (empty: all raised as expected).
-    Each case is announced on stderr first, so that an abort names the case it died in."""
+class _CudaKernels(TorchDispatchMode):
+    """Runs every exgramed op that has a CUDA kernel through that kernel, whatever the tensors' device: on
+    CPU tensors the kernel's argument checks run (they come before its device guard and any CUDA work), so
+    a machine without a GPU checks that the CUDA entry points reject bad input with the CPU's messages."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "exgramed" and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CUDA"):
+            return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def run_table(op: str, modes=("eager", "compile")) -> list[str]:
+    """Every case of op's table in each mode (eager, compiled, or eager through the CUDA kernels'
+    checks): the failures, as lines (empty: all raised as expected). Each case is announced on stderr
+    first, so that an abort names the case it died in."""
     failures = []
     for name, fn, tensors, match in TABLES[op]():
-        for mode in ("eager", "compile"):
+        for mode in modes:
             print(f"{op} / {name} / {mode}", file=sys.stderr, flush=True)
             torch._dynamo.reset()
-            f = fn if mode == "eager" else torch.compile(fn, fullgraph=True)
+            f = torch.compile(fn, fullgraph=True) if mode == "compile" else fn
             try:
-                f(*tensors)
+                if mode == "cuda checks":
+                    with _CudaKernels():
+                        f(*tensors)
+                else:
+                    f(*tensors)
             except Exception as e:  # noqa: BLE001 -- any Python exception; the message is what is checked
                 if not re.search(match, str(e), re.DOTALL):
                     failures.append(f"{name} ({mode}): {type(e).__name__} does not match {match!r}: {str(e)[:800]}")
@@ -307,22 +325,38 @@ def run_table(op: str) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("op", list(TABLES))
-def test_bad_inputs_raise_a_python_exception_naming_the_argument(op, tmp_path):
+def _run_child(op: str, modes: tuple[str, ...], tmp_path) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # A fresh compile cache: Inductor's caches key align's graph by the op call, not by its Python decomposition,
     # so a cache filled by another version of align.py would run that version's compiled code.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), op], capture_output=True, text=True, env=env,
-                       cwd=root, timeout=1800)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), op, *modes], capture_output=True, text=True,
+                       env=env, cwd=root, timeout=1800)
     cases = [line for line in r.stderr.splitlines() if line.startswith(f"{op} / ")]
     assert r.returncode == 0, (f"the process died (exit {r.returncode}) in case {cases[-1] if cases else '?'}:\n"
                                + r.stderr[-4000:])
     failures = json.loads(r.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(failures)
-    assert len(cases) == 2 * len(TABLES[op]())
+    assert len(cases) == len(modes) * len(TABLES[op]())
+
+
+@pytest.mark.parametrize("op", list(TABLES))
+def test_bad_inputs_raise_a_python_exception_naming_the_argument(op, tmp_path):
+    _run_child(op, ("eager", "compile"), tmp_path)
+
+
+# Not here: the kNN and GraphConv CUDA kernels first require a CUDA x (their own message), and align's late
+# checks need its whole pipeline to run on a GPU.
+CUDA_CHECK_TABLES = [op for op in TABLES if op not in ("knn_graph", "graph_conv", "align", "MultiGraphAlignment")]
+
+
+@pytest.mark.skipif(not has_kernel("qap_solve", "CUDA"), reason="the CUDA kernels are not built")
+@pytest.mark.parametrize("op", CUDA_CHECK_TABLES)
+def test_cuda_kernels_reject_bad_inputs_like_the_cpu(op, tmp_path):
+    """The same tables through the CUDA kernels' argument checks (no GPU needed: _CudaKernels)."""
+    _run_child(op, ("cuda checks",), tmp_path)
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_table(sys.argv[1])))
+    print(json.dumps(run_table(sys.argv[1], tuple(sys.argv[2:]) or ("eager", "compile"))))

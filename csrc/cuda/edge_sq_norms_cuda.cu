@@ -15,14 +15,14 @@ at::ScalarType compute_dtype(const at::Tensor& h) {
 }
 
 at::Tensor edge_sq_norms_cuda(const at::Tensor& h, const at::Tensor& nbr) {
-  const c10::cuda::CUDAGuard guard(h.device());
   check_edge_sq_norms_args(h, nbr, "edge_sq_norms");
+  const c10::cuda::CUDAGuard guard(h.device());
   return edge_sq_norms_aten(h.to(compute_dtype(h)), nbr).to(h.scalar_type());
 }
 
 at::Tensor edge_sq_norms_backward_cuda(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
-  const c10::cuda::CUDAGuard guard(h.device());
   check_edge_sq_norms_backward_args(grad, h, nbr);
+  const c10::cuda::CUDAGuard guard(h.device());
   const at::ScalarType ct = compute_dtype(h);
   return edge_sq_norms_backward_aten(grad.to(ct), h.to(ct), nbr).to(h.scalar_type());
 }

@@ -43,8 +43,8 @@ __global__ void pair_scores_kernel(const scalar_t* __restrict__ C, const scalar_
 at::Tensor pair_scores_cuda(const at::Tensor& C, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& nbr1,
                             const at::Tensor& nbr2, double alpha, double beta, const c10::optional<at::Tensor>& noise,
                             double noise_scale, const c10::optional<at::Tensor>& noise_seed) {
-  const c10::cuda::CUDAGuard guard(C.device());
   const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed, "pair_scores");
+  const c10::cuda::CUDAGuard guard(C.device());
   const at::ScalarType ct = pair_scores_compute_dtype(C);
   at::Tensor out = at::empty({a.P, a.Nk, a.Nk}, C.options().dtype(ct));
   if (out.numel() == 0) return out.to(C.scalar_type());
@@ -68,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cuda(const a
                                                                          const at::Tensor& w1, const at::Tensor& w2,
                                                                          const at::Tensor& nbr1,
                                                                          const at::Tensor& nbr2, double alpha) {
-  const c10::cuda::CUDAGuard guard(C.device());
   check_pair_scores_backward_args(grad, C, w1, w2, nbr1, nbr2);
+  const c10::cuda::CUDAGuard guard(C.device());
   const at::ScalarType ct = pair_scores_compute_dtype(C);
   const auto [gC, gw1, gw2] = pair_scores_backward_aten(grad, C.to(ct), w1.to(ct), w2.to(ct), nbr1, nbr2, alpha);
   return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};

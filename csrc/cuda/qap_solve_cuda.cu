@@ -198,9 +198,9 @@ std::tuple<at::Tensor, at::Tensor> qap_solve_cuda(const at::Tensor& U, const at:
                                                   int64_t max_iter, double tol, int64_t restarts, bool partial,
                                                   int64_t seed, c10::string_view estimator, double lambda,
                                                   const c10::optional<at::Tensor>& init, bool /*sparse_q_grad*/) {
-  const c10::cuda::CUDAGuard guard(U.device());
   const QapInputs in = prepare_qap(U, nbr1, nbr2, Q, H1, H2, method_name, max_iter, tol, restarts, estimator,
                                    lambda, init, partial);
+  const c10::cuda::CUDAGuard guard(U.device());
   const int64_t G = in.G, N = in.N, k = in.k, R = in.R, B = G * R;
   if (G == 0 || N == 0) return {at::zeros({G, N, N}, U.options()), at::zeros({G}, U.options())};
   const auto stream = c10::cuda::getCurrentCUDAStream();
