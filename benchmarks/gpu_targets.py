@@ -23,7 +23,7 @@ import torch
 import exgramed_kernels as ek
 
 from . import graph_conv, knn_graph, overhead
-from .harness import _in_mode, machine, measure
+from .harness import _in_mode, capture_cuda_graph, machine, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCALE = "quick"  # the harness's rounds and budget per measurement
@@ -45,8 +45,8 @@ def align_targets(device="cuda", sizes=(64, 256)) -> list[dict]:
 
 def floor_targets(device="cuda", scale="full") -> list[dict]:
     out = []
-    for mod, floor in ((knn_graph, "floor: Gram GEMM"), (graph_conv, "floor: linear layers")):
-        bench = mod.BENCH
+    for bench in (knn_graph.BENCH, graph_conv.BENCH):
+        floor = next(p.name for p in bench.providers if p.kind == "floor")
         for N in bench.sizes[scale]:
             torch.manual_seed(N)
             case = bench.setup(N, scale, device)
@@ -94,15 +94,7 @@ def cuda_graph_capture(B: int = 64, d: int = 512) -> dict:
 
     out = dict(B=B, d=d, captured=False, replay_matches=None, error=None)
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loss_g = step()
+        graph, loss_g = capture_cuda_graph(step)
         out["captured"] = True
     except Exception as e:  # noqa: BLE001 - the answer is whether it captures, and why not
         torch.cuda.synchronize()
@@ -135,11 +127,11 @@ def main(argv=None) -> dict:
                 res["cuda_graph"] = r
             else:
                 res["targets"] += r
+            print(name, json.dumps(r, default=str), flush=True)
         except Exception as e:  # noqa: BLE001 - a failing part is recorded, the others still run
             torch.cuda.synchronize()
             res["errors"][name] = f"{type(e).__name__}: {e}"
-        print(name, json.dumps(res.get("cuda_graph") if name == "cuda_graph" else res["targets"][-3:],
-                               default=str), res["errors"].get(name, ""), flush=True)
+            print(name, "failed:", res["errors"][name], flush=True)
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
     return res

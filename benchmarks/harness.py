@@ -130,8 +130,9 @@ def _calls(fn: Callable, n: int, device: str) -> list[float]:
     return out
 
 
-def _cuda_graph(fn: Callable) -> Callable:
-    """fn captured in a CUDA graph (after two calls on a side stream): its replay."""
+def capture_cuda_graph(fn: Callable) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn captured in a CUDA graph, after two calls on a side stream: the graph, and the captured call's
+    output (its tensors are the ones each replay rewrites)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -140,9 +141,14 @@ def _cuda_graph(fn: Callable) -> Callable:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        out = fn()
     torch.cuda.synchronize()
-    return g.replay
+    return g, out
+
+
+def _cuda_graph(fn: Callable) -> Callable:
+    """fn captured in a CUDA graph: its replay."""
+    return capture_cuda_graph(fn)[0].replay
 
 
 def _in_mode(fn: Callable, mode: str) -> Callable:
