@@ -36,11 +36,11 @@ inline void check_same_device(const at::Tensor& a, const char* na, const at::Ten
 // bits are all ones -- an integer OR-reduction that vectorises at memory speed (at::isfinite(t).all()
 // materialises temporaries; a floating-point sum is one dependent add per element). CUDA: one
 // device->host sync.
-template <typename bits_t, typename Test>
-inline bool all_finite_bits(const void* data, int64_t n, bits_t exponent, Test test) {
+template <typename bits_t>
+inline bool all_finite_bits(const void* data, int64_t n, bits_t exponent) {
   std::atomic<bool> finite{true};
   at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    if (!test(static_cast<const bits_t*>(data) + b, e - b, exponent)) finite = false;
+    if (!finite_bits(static_cast<const bits_t*>(data) + b, e - b, exponent)) finite = false;
   });
   return finite;
 }
@@ -51,13 +51,13 @@ inline bool all_finite(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
   switch (c.scalar_type()) {
     case at::kDouble:
-      return all_finite_bits<uint64_t>(c.data_ptr(), c.numel(), 0x7ff0000000000000ull, finite_bits64);
+      return all_finite_bits<uint64_t>(c.data_ptr(), c.numel(), 0x7ff0000000000000ull);
     case at::kFloat:
-      return all_finite_bits<uint32_t>(c.data_ptr(), c.numel(), 0x7f800000u, finite_bits32);
+      return all_finite_bits<uint32_t>(c.data_ptr(), c.numel(), 0x7f800000u);
     case at::kHalf:
-      return all_finite_bits<uint16_t>(c.data_ptr(), c.numel(), 0x7c00u, finite_bits16);
+      return all_finite_bits<uint16_t>(c.data_ptr(), c.numel(), 0x7c00u);
     case at::kBFloat16:
-      return all_finite_bits<uint16_t>(c.data_ptr(), c.numel(), 0x7f80u, finite_bits16);
+      return all_finite_bits<uint16_t>(c.data_ptr(), c.numel(), 0x7f80u);
     default:
       return true;  // integer tensors hold no NaN or Inf
   }

@@ -11,11 +11,8 @@
 namespace exgramed {
 namespace {
 
-// h in float32 / float64 as the kernels read it (half and bfloat16 are computed in float32).
-at::Tensor edge_rows(const at::Tensor& h) {
-  return (h.scalar_type() == at::kDouble || h.scalar_type() == at::kFloat) ? h.contiguous()
-                                                                            : h.to(at::kFloat).contiguous();
-}
+// h as the kernels read it: contiguous, in edge_sq_norms_compute_dtype.
+at::Tensor edge_rows(const at::Tensor& h) { return h.to(edge_sq_norms_compute_dtype(h)).contiguous(); }
 
 // One task per node row: its k squared edge lengths, float64 sums in a fixed order (row_reductions.h).
 at::Tensor edge_sq_norms_cpu(const at::Tensor& h, const at::Tensor& nbr) {

@@ -8,22 +8,16 @@
 namespace exgramed {
 namespace {
 
-// Computed in float32 (float64 for float64), as the CPU kernel does: in float16 the squared differences
-// overflow past |h_i - h_j| ~ 256, and bfloat16 loses three digits.
-at::ScalarType compute_dtype(const at::Tensor& h) {
-  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor edge_sq_norms_cuda(const at::Tensor& h, const at::Tensor& nbr) {
   check_edge_sq_norms_args(h, nbr, "edge_sq_norms");
   const c10::cuda::CUDAGuard guard(h.device());
-  return edge_sq_norms_aten(h.to(compute_dtype(h)), nbr).to(h.scalar_type());
+  return edge_sq_norms_aten(h.to(edge_sq_norms_compute_dtype(h)), nbr).to(h.scalar_type());
 }
 
 at::Tensor edge_sq_norms_backward_cuda(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
   check_edge_sq_norms_backward_args(grad, h, nbr);
   const c10::cuda::CUDAGuard guard(h.device());
-  const at::ScalarType ct = compute_dtype(h);
+  const at::ScalarType ct = edge_sq_norms_compute_dtype(h);
   return edge_sq_norms_backward_aten(grad.to(ct), h.to(ct), nbr).to(h.scalar_type());
 }
 
