@@ -21,13 +21,14 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-LIMIT="${GPU_CHECK_LIMIT:-480}"   # seconds for the whole script (a session has 15 device minutes in all)
+LIMIT="${GPU_CHECK_LIMIT:-480}"   # seconds for the whole script
 PY="${PYTHON:-python3}"
 export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHONPATH="$PWD:${PYTHONPATH:-}"
 left() { echo $(( LIMIT - SECONDS )); }
 
-# The machine has no registry: packages it lacks (the peers lap and torch-linear-assignment) travel as
-# wheels in .whl/ (carried by the device tool; README of the tool says how to download them).
+# A GPU machine without a package registry: the peers it lacks (lap, torch-linear-assignment) come as wheels
+# in .whl/, downloaded elsewhere with `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 -d .whl lap torch-linear-assignment`.
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site" && echo "wheels installed: $(ls .whl | tr '\n' ' ')"
