@@ -177,6 +177,7 @@ double objective_perm(const Problem<qt>& p, const int64_t* perm) {
 struct Work {
   LapWorkspace lap, lap2;
   std::vector<double> X, gq, gf, xg, L;
+  std::vector<double> own;  // 2-opt: each row's current entry of U + grad q (X holds them transposed)
   std::vector<int64_t> P, best, ext;
   std::vector<int64_t> verts;  // Frank-Wolfe: the vertices X is a combination of, N each
   std::vector<double> vert_w;  // and their weights
@@ -216,10 +217,21 @@ void keep_if_better(const Problem<qt>& p, const int64_t* perm, double f, double&
   }
 }
 
+// The linear part of 2-opt's swap deltas for a real row i (< N) against rows j = j0 .. j1 - 1 (polish):
+// d[j - j0] = ((u(i, b) + u(j, a)) - u(i, a)) - u(j, b), b = ext[j], with u(x, y) = U + G at a real entry
+// and 0 at a dummy (row or column >= N). u(i, .) is read from row i of U and G (Ui, Gi), u(., a) from the
+// transposed copy (uta[j] = u(j, a); null for a dummy a), u(j, b) from own[j]: contiguous reads, where the
+// plain scan read two scattered entries of every row j. Same values, same order of the sums.
+void swap_deltas(const double* Ui, const double* Gi, const double* uta, const int64_t* ext, const double* own,
+                 int64_t N, int64_t j0, int64_t j1, double uia, double* d);  // qap_solve_cpu.cpp
+
 // 2-opt on w.best: swap the columns of rows i < j while f increases. With partial, rows and
 // columns N..2N-1 are dummies (score 0, no edges): swapping with them matches/unmatches.
 // Delta of a swap D = P' - P: <U, D> + <grad q(P), D> + q(D); q(D) only over edges inside
 // {i, j} x {a, b}; grad q(P) is kept up to date by adding grad q(D) (O(k^2 + in-degree^2)).
+// The linear part <U + grad q(P), D> is computed for a block of rows j at a time (swap_deltas); the
+// first j of the block whose swap improves f (q(D) added where i and j share an edge) is taken, and
+// the scan goes on from j + 1 with the updated tables: the swaps of a plain first-improvement scan.
 template <typename qt>
 double polish(const Problem<qt>& p, Work& w) {
   const int64_t N = p.N, k = p.k, Nk = p.Nk, M = p.partial ? 2 * N : N;
@@ -245,40 +257,88 @@ double polish(const Problem<qt>& p, Work& w) {
   double cur = objective_perm(p, w.best.data());
   const double thr = 1e-12 * std::max(1.0, std::abs(cur));
   auto u = [&](int64_t x, int64_t y) { return (x < N && y < N) ? p.U[x * N + y] + G[x * N + y] : 0.0; };
+  // ut: u transposed, in 8 x 8 tiles (eight cache lines read and eight written per tile), in the storage of
+  // w.X (the iterate is done with; already paged in); own[x] = u(x, ext[x]).
+  w.own.resize(M);
+  double* ut = w.X.data();
+  double* own = w.own.data();
+  for (int64_t x0 = 0; x0 < N; x0 += 8) {
+    const int64_t x1 = std::min(N, x0 + 8);
+    for (int64_t y0 = 0; y0 < N; y0 += 8) {
+      const int64_t y1 = std::min(N, y0 + 8);
+      for (int64_t x = x0; x < x1; ++x) {
+        for (int64_t y = y0; y < y1; ++y) ut[y * N + x] = p.U[x * N + y] + G[x * N + y];
+      }
+    }
+  }
+  for (int64_t x = 0; x < M; ++x) own[x] = u(x, ext[x]);
+  auto add_g = [&](int64_t x, int64_t y, double v) {  // G[x, y] += v, with ut and own kept equal to u
+    G[x * N + y] += v;
+    ut[y * N + x] = p.U[x * N + y] + G[x * N + y];
+    if (ext[x] == y) own[x] = ut[y * N + x];
+  };
+  constexpr int64_t kBlock = 128;
+  double d[kBlock];
   for (int64_t pass = 0; pass < kPolishMaxPasses; ++pass) {
     bool improved = false;
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = i + 1; j < M; ++j) {
-        const int64_t a = ext[i], b = ext[j];
-        if ((i >= N && j >= N) || (a >= N && b >= N)) continue;  // no real entry changes
-        // D(x, c): the change of P at real (x, c) when rows i, j swap columns a, b.
-        auto D = [&](int64_t x, int64_t c) -> double {
-          if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
-          if (x == j) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
-          return 0.0;
-        };
-        double delta = u(i, b) + u(j, a) - u(i, a) - u(j, b);
-        if (k > 0 && i < N && j < N && p.near1[i * N + j]) {  // q(D) = 0 unless i, j share an edge
-          for (const int64_t x : {i, j}) {
-            for (int64_t s = 0; s < k; ++s) {
-              const int64_t e = x * k + s, y = p.nbr1[e];
-              if (y != i && y != j) continue;
-              for (const int64_t c : {a, b}) {
-                if (c >= N) continue;
-                const double dxc = D(x, c);
-                for (int64_t t = 0; t < k; ++t) {
-                  const int64_t f = c * k + t, d = p.nbr2[f];
-                  if (d != a && d != b) continue;
-                  delta += static_cast<double>(p.Q[e * Nk + f]) * dxc * D(y, d);
+    for (int64_t i = 0; i < N; ++i) {  // a dummy row i has only dummy rows j > i: no real entry changes
+      int64_t j = i + 1;
+      while (j < M) {
+        int64_t a = ext[i];
+        const double uia = u(i, a);
+        const int64_t j1 = std::min(M, j + kBlock);
+        swap_deltas(p.U + i * N, G + i * N, a < N ? ut + a * N : nullptr, ext, own, N, j, j1, uia, d);
+        const char* near_i = k > 0 ? p.near1.data() + i * N : nullptr;
+        int64_t hit = -1;
+        double hit_delta = 0.0;
+        for (int64_t jj = j; jj < j1; ++jj) {
+          double delta = d[jj - j];
+          const bool near = near_i != nullptr && jj < N && near_i[jj];  // q(D) = 0 unless i, j share an edge
+          if (!near && !(delta > thr)) continue;
+          const int64_t b = ext[jj];
+          if (a >= N && b >= N) continue;  // no real entry changes
+          if (near) {
+            // D(x, c): the change of P at real (x, c) when rows i, jj swap columns a, b.
+            auto D = [&](int64_t x, int64_t c) -> double {
+              if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
+              if (x == jj) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
+              return 0.0;
+            };
+            for (const int64_t x : {i, jj}) {
+              for (int64_t s = 0; s < k; ++s) {
+                const int64_t e = x * k + s, y = p.nbr1[e];
+                if (y != i && y != jj) continue;
+                for (const int64_t c : {a, b}) {
+                  if (c >= N) continue;
+                  const double dxc = D(x, c);
+                  for (int64_t t = 0; t < k; ++t) {
+                    const int64_t f = c * k + t, dd = p.nbr2[f];
+                    if (dd != a && dd != b) continue;
+                    delta += static_cast<double>(p.Q[e * Nk + f]) * dxc * D(y, dd);
+                  }
                 }
               }
             }
           }
+          if (delta > thr) {
+            hit = jj;
+            hit_delta = delta;
+            break;
+          }
         }
-        if (!(delta > thr)) continue;
+        if (hit < 0) {
+          j = j1;
+          continue;
+        }
+        const int64_t jh = hit, b = ext[jh];
+        auto D = [&](int64_t x, int64_t c) -> double {
+          if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
+          if (x == jh) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
+          return 0.0;
+        };
         // grad q += grad q(D): source term over in-edges of {i, j} x {a, b}, target term over out-edges.
         if (k > 0) {
-          for (const int64_t x : {i, j}) {
+          for (const int64_t x : {i, jh}) {
             if (x >= N) continue;
             for (const int64_t c : {a, b}) {
               if (c >= N) continue;
@@ -287,23 +347,26 @@ double polish(const Problem<qt>& p, Work& w) {
                 const int64_t e = p.in1_e[q1];
                 for (int64_t q2 = p.in2_ptr[c]; q2 < p.in2_ptr[c + 1]; ++q2) {
                   const int64_t f = p.in2_f[q2];
-                  G[p.in1_head[q1] * N + p.in2_head[q2]] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
+                  add_g(p.in1_head[q1], p.in2_head[q2], static_cast<double>(p.Q[e * Nk + f]) * dxc);
                 }
               }
               for (int64_t s = 0; s < k; ++s) {
                 const int64_t e = x * k + s;
                 for (int64_t t = 0; t < k; ++t) {
                   const int64_t f = c * k + t;
-                  G[p.nbr1[e] * N + p.nbr2[f]] += static_cast<double>(p.Q[e * Nk + f]) * dxc;
+                  add_g(p.nbr1[e], p.nbr2[f], static_cast<double>(p.Q[e * Nk + f]) * dxc);
                 }
               }
             }
           }
         }
         ext[i] = b;
-        ext[j] = a;
-        cur += delta;
+        ext[jh] = a;
+        own[i] = u(i, b);
+        own[jh] = u(jh, a);
+        cur += hit_delta;
         improved = true;
+        j = jh + 1;
       }
     }
     if (!improved) break;
