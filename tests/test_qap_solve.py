@@ -229,6 +229,51 @@ def test_partial(device, method):
     assert float(Zn.abs().sum()) == 0 and float(objn.abs().sum()) == 0
 
 
+def two_opt_neighbours(perm, N, partial):
+    """Every matching one 2-opt move from ``perm`` ([N] columns, -1 unmatched): two rows swap their columns
+    (an unmatched row takes the other's); with ``partial`` also a row left unmatched or moved to a free column."""
+    out = []
+    for i in range(N):
+        for j in range(i + 1, N):
+            if perm[i] != perm[j]:
+                q = list(perm)
+                q[i], q[j] = q[j], q[i]
+                out.append(q)
+    if partial:
+        free = sorted(set(range(N)) - set(perm))
+        for i in range(N):
+            if perm[i] >= 0:
+                out.append(perm[:i] + [-1] + perm[i + 1:])
+            out += [perm[:i] + [a] + perm[i + 1:] for a in free]
+    return out
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_result_is_two_opt_optimal(partial, ties):
+    """The CPU solver ends in 2-opt: no single swap of two rows' columns (nor, with partial, unmatching a row or
+    moving it to a free column) improves the objective of what it returns."""
+    gen = torch.Generator().manual_seed(11)
+    for N, k in ((6, 2), (13, 3), (24, 4)):
+        U, n1, n2, Q = problem(3, N, k, gen)
+        if ties:  # few distinct values: many equal deltas
+            U, Q = (U * 2).round() / 2, (Q * 2).round() / 4
+        if partial:
+            U = U - 0.5
+        Z, obj = ek.qap_solve(U, n1, n2, Q, partial=partial, restarts=1, max_iter=3)
+        for g in range(3):
+            perm = [int(c) if Z[g, i].any() else -1 for i, c in enumerate(Z[g].argmax(-1))]
+            nb = two_opt_neighbours(perm, N, partial)
+            Zs = torch.zeros(len(nb), N, N, dtype=torch.float64)
+            for r, q in enumerate(nb):
+                for i, c in enumerate(q):
+                    if c >= 0:
+                        Zs[r, i, c] = 1.0
+            rep = lambda t: t[g:g + 1].expand(len(nb), *t.shape[1:])  # noqa: E731
+            f = reference.qap_objective(Zs, rep(U), rep(n1), rep(n2), rep(Q))
+            assert float(f.max()) <= float(obj[g]) + 1e-9 * max(1.0, abs(float(obj[g]))), (N, g)
+
+
 # ---------------------------------------------------------------- degenerate inputs, determinism
 
 
