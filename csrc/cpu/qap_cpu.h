@@ -221,9 +221,38 @@ void keep_if_better(const Problem<qt>& p, const int64_t* perm, double f, double&
 // d[j - j0] = ((u(i, b) + u(j, a)) - u(i, a)) - u(j, b), b = ext[j], with u(x, y) = U + G at a real entry
 // and 0 at a dummy (row or column >= N). u(i, .) is read from row i of U and G (Ui, Gi), u(., a) from the
 // transposed copy (uta[j] = u(j, a); null for a dummy a), u(j, b) from own[j]: contiguous reads, where the
-// plain scan read two scattered entries of every row j. Same values, same order of the sums.
-void swap_deltas(const double* Ui, const double* Gi, const double* uta, const int64_t* ext, const double* own,
-                 int64_t N, int64_t j0, int64_t j1, double uia, double* d);  // qap_solve_cpu.cpp
+// plain scan read two scattered entries of every row j. Same values, same order of the sums. The rows
+// j < N and j >= N (u(j, a) = 0) run as separate loops without a branch (u(i, b) read at a clamped column).
+template <bool kCol>
+inline void swap_deltas_range(const double* Ui, const double* Gi, const double* uta, const int64_t* ext,
+                              const double* own, int64_t N, int64_t j0, int64_t j1, double uia, double* d) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t b = ext[j];
+    const int64_t bc = b < N ? b : 0;
+    const double v = Ui[bc] + Gi[bc];
+    const double uib = b < N ? v : 0.0;
+    const double uja = kCol ? uta[j] : 0.0;
+    d[j - j0] = ((uib + uja) - uia) - own[j];
+  }
+}
+
+inline void swap_deltas(const double* Ui, const double* Gi, const double* uta, const int64_t* ext, const double* own,
+                        int64_t N, int64_t j0, int64_t j1, double uia, double* d) {
+  const int64_t jm = std::min(std::max(j0, N), j1);  // rows j < jm are real, j >= jm dummies
+  if (uta != nullptr) {
+    swap_deltas_range<true>(Ui, Gi, uta, ext, own, N, j0, jm, uia, d);
+  } else {
+    swap_deltas_range<false>(Ui, Gi, uta, ext, own, N, j0, jm, uia, d);
+  }
+  swap_deltas_range<false>(Ui, Gi, uta, ext, own, N, jm, j1, uia, d + (jm - j0));
+}
+
+// D(x, c) of a swap: the change of P at real (x, c) when rows i, j swap their columns a, b.
+inline double swap_change(int64_t i, int64_t j, int64_t a, int64_t b, int64_t x, int64_t c) {
+  if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
+  if (x == j) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
+  return 0.0;
+}
 
 // 2-opt on w.best: swap the columns of rows i < j while f increases. With partial, rows and
 // columns N..2N-1 are dummies (score 0, no edges): swapping with them matches/unmatches.
@@ -298,12 +327,7 @@ double polish(const Problem<qt>& p, Work& w) {
           const int64_t b = ext[jj];
           if (a >= N && b >= N) continue;  // no real entry changes
           if (near) {
-            // D(x, c): the change of P at real (x, c) when rows i, jj swap columns a, b.
-            auto D = [&](int64_t x, int64_t c) -> double {
-              if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
-              if (x == jj) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
-              return 0.0;
-            };
+            const auto D = [&](int64_t x, int64_t c) { return swap_change(i, jj, a, b, x, c); };
             for (const int64_t x : {i, jj}) {
               for (int64_t s = 0; s < k; ++s) {
                 const int64_t e = x * k + s, y = p.nbr1[e];
@@ -331,11 +355,7 @@ double polish(const Problem<qt>& p, Work& w) {
           continue;
         }
         const int64_t jh = hit, b = ext[jh];
-        auto D = [&](int64_t x, int64_t c) -> double {
-          if (x == i) return c == a ? -1.0 : (c == b ? 1.0 : 0.0);
-          if (x == jh) return c == b ? -1.0 : (c == a ? 1.0 : 0.0);
-          return 0.0;
-        };
+        const auto D = [&](int64_t x, int64_t c) { return swap_change(i, jh, a, b, x, c); };
         // grad q += grad q(D): source term over in-edges of {i, j} x {a, b}, target term over out-edges.
         if (k > 0) {
           for (const int64_t x : {i, jh}) {

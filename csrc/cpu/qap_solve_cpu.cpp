@@ -20,38 +20,6 @@
 #include "qap_cpu.h"
 
 namespace exgramed {
-namespace qap_cpu {
-
-// polish's block of swap deltas (declared in qap_cpu.h), over the rows j < N and j >= N separately (u(j, a) = 0
-// for a dummy row j or column a), each loop without a branch: u(i, b) is read at a clamped column and then
-// selected, so the loops vectorise.
-template <bool kCol>
-inline void swap_deltas_range(const double* Ui, const double* Gi, const double* uta, const int64_t* ext,
-                              const double* own, int64_t N, int64_t j0, int64_t j1, double uia, double* d) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t b = ext[j];
-    const int64_t bc = b < N ? b : 0;
-    const double v = Ui[bc] + Gi[bc];
-    const double uib = b < N ? v : 0.0;
-    const double uja = kCol ? uta[j] : 0.0;
-    d[j] = ((uib + uja) - uia) - own[j];
-  }
-}
-
-EXGRAMED_MULTIVERSION void swap_deltas(const double* Ui, const double* Gi, const double* uta, const int64_t* ext,
-                                       const double* own, int64_t N, int64_t j0, int64_t j1, double uia, double* d) {
-  d -= j0;  // d[j] for j in [j0, j1)
-  const int64_t jm = std::min(std::max(j0, N), j1);  // rows j < jm are real, j >= jm dummies
-  if (uta != nullptr) {
-    swap_deltas_range<true>(Ui, Gi, uta, ext, own, N, j0, jm, uia, d);
-  } else {
-    swap_deltas_range<false>(Ui, Gi, uta, ext, own, N, j0, jm, uia, d);
-  }
-  swap_deltas_range<false>(Ui, Gi, uta, ext, own, N, jm, j1, uia, d);
-}
-
-}  // namespace qap_cpu
-
 namespace {
 
 using namespace qap_cpu;
