@@ -254,6 +254,56 @@ inline double swap_change(int64_t i, int64_t j, int64_t a, int64_t b, int64_t x,
   return 0.0;
 }
 
+// delta + q(D) for the swap of rows i, j (columns a, b; a dummy >= N has no edges): q(D) is non-zero only
+// over the edges inside {i, j} x {a, b}; its terms are added to delta one by one, in a fixed order.
+template <typename qt>
+double add_swap_quad(const Problem<qt>& p, int64_t i, int64_t j, int64_t a, int64_t b, double delta) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk;
+  for (const int64_t x : {i, j}) {
+    for (int64_t s = 0; s < k; ++s) {
+      const int64_t e = x * k + s, y = p.nbr1[e];
+      if (y != i && y != j) continue;
+      for (const int64_t c : {a, b}) {
+        if (c >= N) continue;
+        const double dxc = swap_change(i, j, a, b, x, c);
+        for (int64_t t = 0; t < k; ++t) {
+          const int64_t f = c * k + t, d = p.nbr2[f];
+          if (d != a && d != b) continue;
+          delta += static_cast<double>(p.Q[e * Nk + f]) * dxc * swap_change(i, j, a, b, y, d);
+        }
+      }
+    }
+  }
+  return delta;
+}
+
+// grad q(D) for the swap of rows i, j (columns a, b), entry by entry as add(x, y, value): the source term
+// over the in-edges of {i, j} x {a, b}, the target term over their out-edges.
+template <typename qt, typename Add>
+void swap_grad_q(const Problem<qt>& p, int64_t i, int64_t j, int64_t a, int64_t b, Add add) {
+  const int64_t N = p.N, k = p.k, Nk = p.Nk;
+  for (const int64_t x : {i, j}) {
+    if (x >= N) continue;
+    for (const int64_t c : {a, b}) {
+      if (c >= N) continue;
+      const double dxc = swap_change(i, j, a, b, x, c);
+      for (int64_t q1 = p.in1_ptr[x]; q1 < p.in1_ptr[x + 1]; ++q1) {
+        const int64_t e = p.in1_e[q1];
+        for (int64_t q2 = p.in2_ptr[c]; q2 < p.in2_ptr[c + 1]; ++q2) {
+          add(p.in1_head[q1], p.in2_head[q2], static_cast<double>(p.Q[e * Nk + p.in2_f[q2]]) * dxc);
+        }
+      }
+      for (int64_t s = 0; s < k; ++s) {
+        const int64_t e = x * k + s;
+        for (int64_t t = 0; t < k; ++t) {
+          const int64_t f = c * k + t;
+          add(p.nbr1[e], p.nbr2[f], static_cast<double>(p.Q[e * Nk + f]) * dxc);
+        }
+      }
+    }
+  }
+}
+
 // 2-opt on w.best: swap the columns of rows i < j while f increases. With partial, rows and
 // columns N..2N-1 are dummies (score 0, no edges): swapping with them matches/unmatches.
 // Delta of a swap D = P' - P: <U, D> + <grad q(P), D> + q(D); q(D) only over edges inside
@@ -263,7 +313,7 @@ inline double swap_change(int64_t i, int64_t j, int64_t a, int64_t b, int64_t x,
 // the scan goes on from j + 1 with the updated tables: the swaps of a plain first-improvement scan.
 template <typename qt>
 double polish(const Problem<qt>& p, Work& w) {
-  const int64_t N = p.N, k = p.k, Nk = p.Nk, M = p.partial ? 2 * N : N;
+  const int64_t N = p.N, k = p.k, M = p.partial ? 2 * N : N;
   int64_t* ext = w.ext.data();
   if (p.partial) {
     std::vector<char> used(N, 0);
@@ -286,8 +336,8 @@ double polish(const Problem<qt>& p, Work& w) {
   double cur = objective_perm(p, w.best.data());
   const double thr = 1e-12 * std::max(1.0, std::abs(cur));
   auto u = [&](int64_t x, int64_t y) { return (x < N && y < N) ? p.U[x * N + y] + G[x * N + y] : 0.0; };
-  // ut: u transposed, in 8 x 8 tiles (eight cache lines read and eight written per tile), in the storage of
-  // w.X (the iterate is done with; already paged in); own[x] = u(x, ext[x]).
+  // ut: u transposed (in 8 x 8 tiles), in the storage of w.X (the iterate is done with; already paged in);
+  // own[x] = u(x, ext[x]).
   w.own.resize(M);
   double* ut = w.X.data();
   double* own = w.own.data();
@@ -311,82 +361,37 @@ double polish(const Problem<qt>& p, Work& w) {
   for (int64_t pass = 0; pass < kPolishMaxPasses; ++pass) {
     bool improved = false;
     for (int64_t i = 0; i < N; ++i) {  // a dummy row i has only dummy rows j > i: no real entry changes
+      const char* near_i = k > 0 ? p.near1.data() + i * N : nullptr;
       int64_t j = i + 1;
       while (j < M) {
-        int64_t a = ext[i];
-        const double uia = u(i, a);
-        const int64_t j1 = std::min(M, j + kBlock);
-        swap_deltas(p.U + i * N, G + i * N, a < N ? ut + a * N : nullptr, ext, own, N, j, j1, uia, d);
-        const char* near_i = k > 0 ? p.near1.data() + i * N : nullptr;
+        const int64_t a = ext[i], j1 = std::min(M, j + kBlock);
+        swap_deltas(p.U + i * N, G + i * N, a < N ? ut + a * N : nullptr, ext, own, N, j, j1, u(i, a), d);
         int64_t hit = -1;
         double hit_delta = 0.0;
-        for (int64_t jj = j; jj < j1; ++jj) {
-          double delta = d[jj - j];
+        for (int64_t jj = j; jj < j1 && hit < 0; ++jj) {
           const bool near = near_i != nullptr && jj < N && near_i[jj];  // q(D) = 0 unless i, j share an edge
-          if (!near && !(delta > thr)) continue;
+          if (!near && !(d[jj - j] > thr)) continue;
           const int64_t b = ext[jj];
           if (a >= N && b >= N) continue;  // no real entry changes
-          if (near) {
-            const auto D = [&](int64_t x, int64_t c) { return swap_change(i, jj, a, b, x, c); };
-            for (const int64_t x : {i, jj}) {
-              for (int64_t s = 0; s < k; ++s) {
-                const int64_t e = x * k + s, y = p.nbr1[e];
-                if (y != i && y != jj) continue;
-                for (const int64_t c : {a, b}) {
-                  if (c >= N) continue;
-                  const double dxc = D(x, c);
-                  for (int64_t t = 0; t < k; ++t) {
-                    const int64_t f = c * k + t, dd = p.nbr2[f];
-                    if (dd != a && dd != b) continue;
-                    delta += static_cast<double>(p.Q[e * Nk + f]) * dxc * D(y, dd);
-                  }
-                }
-              }
-            }
-          }
+          const double delta = near ? add_swap_quad(p, i, jj, a, b, d[jj - j]) : d[jj - j];
           if (delta > thr) {
             hit = jj;
             hit_delta = delta;
-            break;
           }
         }
         if (hit < 0) {
           j = j1;
           continue;
         }
-        const int64_t jh = hit, b = ext[jh];
-        const auto D = [&](int64_t x, int64_t c) { return swap_change(i, jh, a, b, x, c); };
-        // grad q += grad q(D): source term over in-edges of {i, j} x {a, b}, target term over out-edges.
-        if (k > 0) {
-          for (const int64_t x : {i, jh}) {
-            if (x >= N) continue;
-            for (const int64_t c : {a, b}) {
-              if (c >= N) continue;
-              const double dxc = D(x, c);
-              for (int64_t q1 = p.in1_ptr[x]; q1 < p.in1_ptr[x + 1]; ++q1) {
-                const int64_t e = p.in1_e[q1];
-                for (int64_t q2 = p.in2_ptr[c]; q2 < p.in2_ptr[c + 1]; ++q2) {
-                  const int64_t f = p.in2_f[q2];
-                  add_g(p.in1_head[q1], p.in2_head[q2], static_cast<double>(p.Q[e * Nk + f]) * dxc);
-                }
-              }
-              for (int64_t s = 0; s < k; ++s) {
-                const int64_t e = x * k + s;
-                for (int64_t t = 0; t < k; ++t) {
-                  const int64_t f = c * k + t;
-                  add_g(p.nbr1[e], p.nbr2[f], static_cast<double>(p.Q[e * Nk + f]) * dxc);
-                }
-              }
-            }
-          }
-        }
+        const int64_t b = ext[hit];
+        if (k > 0) swap_grad_q(p, i, hit, a, b, add_g);  // grad q += grad q(D)
         ext[i] = b;
-        ext[jh] = a;
+        ext[hit] = a;
         own[i] = u(i, b);
-        own[jh] = u(jh, a);
+        own[hit] = u(hit, a);
         cur += hit_delta;
         improved = true;
-        j = jh + 1;
+        j = hit + 1;
       }
     }
     if (!improved) break;
