@@ -12,7 +12,7 @@
 // process-wide pool keyed by exact byte size (at most kPoolMaxIdle idle blocks and kPoolMaxIdleBytes
 // in all, the oldest freed first beyond that: the idle memory a training loop holds between steps is
 // bounded), 2 MiB aligned and advised as transparent huge pages once, at allocation. The cap holds
-// align's table up to B = 1024 at K = 3 (600 MiB): fresh, its zero-fill was about 13 % of that step.
+// align's table up to B = 1024 at K = 3 (600 MiB), whose zero-fill when fresh costs about 13 % of a step.
 // Smaller requests are at::empty. The tensors do not own a resizable storage (like from_blob).
 // EXGRAMED_BUFFER_POOL=0 in the environment turns the pool off (every request is at::empty with
 // the huge-page advice).
