@@ -170,67 +170,64 @@ EXGRAMED_MULTIVERSION void reduced_min2(const double* c, const double* v, int64_
 // live column, spc[j] = min(spc[j], base + c_ij - v_j) (path[j] = i where it improves), and return the
 // live column of least distance -- ties to a free column (row4col < 0), then to the lowest index --
 // with that distance in *lowest; -1 if no live column is reachable. A reached column has spc = NaN:
-// it compares false, so it is never relaxed, never the minimum, never equal to it. free_cols: the
-// nfree free columns in increasing order (the tie rule reads those instead of a second full pass).
+// it compares false, so it is never relaxed, never the minimum, never equal to it. The relaxing pass
+// keeps each lane's minimum and first index (as reduced_min_first), so the first column at the least
+// distance needs no second pass; only when it is assigned are the free columns after it (free_cols:
+// the nfree free columns, ascending) checked for a tie.
 EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, const int64_t* row4col,
                                              const int64_t* free_cols, int64_t nfree, double base, int64_t i,
                                              int64_t n, double* spc, int64_t* path, double* lowest) {
   const quad bq = {base, base, base, base};
   const quadi iq = {i, i, i, i};
-  quad m0 = {kInf, kInf, kInf, kInf}, m1 = m0;
+  quad m[2] = {{kInf, kInf, kInf, kInf}, {kInf, kInf, kInf, kInf}};
+  quadi mi[2] = {{-1, -1, -1, -1}, {-1, -1, -1, -1}};
+  quadi jv[2] = {{0, 1, 2, 3}, {4, 5, 6, 7}};
+  const quadi step = {kLanes, kLanes, kLanes, kLanes};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    quad c0, c1, v0, v1, s0, s1;
-    quadi p0, p1;
-    std::memcpy(&c0, ci + j, sizeof(c0));
-    std::memcpy(&c1, ci + j + 4, sizeof(c1));
-    std::memcpy(&v0, v + j, sizeof(v0));
-    std::memcpy(&v1, v + j + 4, sizeof(v1));
-    std::memcpy(&s0, spc + j, sizeof(s0));
-    std::memcpy(&s1, spc + j + 4, sizeof(s1));
-    std::memcpy(&p0, path + j, sizeof(p0));
-    std::memcpy(&p1, path + j + 4, sizeof(p1));
-    const quad r0 = bq + c0 - v0, r1 = bq + c1 - v1;
-    const auto l0 = r0 < s0, l1 = r1 < s1;
-    s0 = l0 ? r0 : s0;
-    s1 = l1 ? r1 : s1;
-    p0 = l0 ? iq : p0;
-    p1 = l1 ? iq : p1;
-    std::memcpy(spc + j, &s0, sizeof(s0));
-    std::memcpy(spc + j + 4, &s1, sizeof(s1));
-    std::memcpy(path + j, &p0, sizeof(p0));
-    std::memcpy(path + j + 4, &p1, sizeof(p1));
-    m0 = s0 < m0 ? s0 : m0;
-    m1 = s1 < m1 ? s1 : m1;
+    for (int q = 0; q < 2; ++q) {
+      const int64_t jq = j + 4 * q;
+      quad c, vq, s;
+      quadi p;
+      std::memcpy(&c, ci + jq, sizeof(c));
+      std::memcpy(&vq, v + jq, sizeof(vq));
+      std::memcpy(&s, spc + jq, sizeof(s));
+      std::memcpy(&p, path + jq, sizeof(p));
+      const quad r = bq + c - vq;
+      const auto l = r < s;
+      s = l ? r : s;
+      p = l ? iq : p;
+      std::memcpy(spc + jq, &s, sizeof(s));
+      std::memcpy(path + jq, &p, sizeof(p));
+      const auto lt = s < m[q];
+      m[q] = lt ? s : m[q];
+      mi[q] = lt ? jv[q] : mi[q];
+      jv[q] += step;
+    }
   }
-  double best = kInf;
+  double best;
+  int64_t first;
+  lanes_argmin(m, mi, &best, &first);
   for (; j < n; ++j) {
     const double r = base + ci[j] - v[j];
     if (r < spc[j]) {
       spc[j] = r;
       path[j] = i;
     }
-    best = spc[j] < best ? spc[j] : best;
+    if (spc[j] < best) {
+      best = spc[j];
+      first = j;
+    }
   }
-  for (int l = 0; l < 4; ++l) best = std::min({best, m0[l], m1[l]});
   *lowest = best;
   if (!(best < kInf)) return -1;
-  // The first live column at distance best (a block of eight at a time), unless a free column ties
-  // with it: the lowest of those (free_cols: the free columns, ascending).
-  const quad eq = {best, best, best, best};
-  for (j = 0; j + kLanes <= n; j += kLanes) {
-    quad s0, s1;
-    std::memcpy(&s0, spc + j, sizeof(s0));
-    std::memcpy(&s1, spc + j + 4, sizeof(s1));
-    const auto hit = (s0 == eq) | (s1 == eq);
-    if ((hit[0] | hit[1] | hit[2] | hit[3]) != 0) break;
+  // The first live column at distance best, unless a free column ties with it: the lowest of those
+  // (free_cols: the free columns, ascending).
+  if (row4col[first] < 0) return first;
+  for (const int64_t* f = std::upper_bound(free_cols, free_cols + nfree, first); f != free_cols + nfree; ++f) {
+    if (spc[*f] == best) return *f;
   }
-  while (spc[j] != best) ++j;
-  if (row4col[j] < 0) return j;
-  for (int64_t t = 0; t < nfree; ++t) {
-    if (free_cols[t] > j && spc[free_cols[t]] == best) return free_cols[t];
-  }
-  return j;
+  return first;
 }
 
 // After a search that reached the columns with spc[j] = NaN, at distance dist[j] (sink at min_val):
