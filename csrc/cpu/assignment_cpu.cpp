@@ -221,8 +221,7 @@ EXGRAMED_MULTIVERSION int64_t relax_and_pick(const double* ci, const double* v, 
   }
   *lowest = best;
   if (!(best < kInf)) return -1;
-  // The first live column at distance best, unless a free column ties with it: the lowest of those
-  // (free_cols: the free columns, ascending).
+  // The tie rule: a free column at distance best after an assigned first one wins.
   if (row4col[first] < 0) return first;
   for (const int64_t* f = std::upper_bound(free_cols, free_cols + nfree, first); f != free_cols + nfree; ++f) {
     if (spc[*f] == best) return *f;
