@@ -346,14 +346,14 @@ double polish(const Problem<qt>& p, Work& w) {
     for (int64_t y0 = 0; y0 < N; y0 += 8) {
       const int64_t y1 = std::min(N, y0 + 8);
       for (int64_t x = x0; x < x1; ++x) {
-        for (int64_t y = y0; y < y1; ++y) ut[y * N + x] = p.U[x * N + y] + G[x * N + y];
+        for (int64_t y = y0; y < y1; ++y) ut[y * N + x] = u(x, y);
       }
     }
   }
   for (int64_t x = 0; x < M; ++x) own[x] = u(x, ext[x]);
   auto add_g = [&](int64_t x, int64_t y, double v) {  // G[x, y] += v, with ut and own kept equal to u
     G[x * N + y] += v;
-    ut[y * N + x] = p.U[x * N + y] + G[x * N + y];
+    ut[y * N + x] = u(x, y);
     if (ext[x] == y) own[x] = ut[y * N + x];
   };
   constexpr int64_t kBlock = 128;
