@@ -12,6 +12,11 @@
 
 namespace exgramed {
 
+// The dtype every kernel computes in: float64 stays float64; float32, float16 and bfloat16 compute in
+// float32 (float16's range overflows in squared differences and Gram entries, bfloat16 keeps three
+// significant digits). Results return in the input's dtype.
+inline at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 inline void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()),
               name, " must be a floating-point tensor (float16, bfloat16, float32, float64), got ",

@@ -10,12 +10,6 @@
 
 namespace exgramed {
 
-// The dtype both kernels compute in: float64 for float64, else float32 (in float16 the squared differences
-// overflow past |h_i - h_j| ~ 256, and bfloat16 loses three digits).
-inline at::ScalarType edge_sq_norms_compute_dtype(const at::Tensor& h) {
-  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // check_values=false skips the NaN/Inf check of h (the backward's: the forward checked it).
 inline void check_edge_sq_norms_args(const at::Tensor& h, const at::Tensor& nbr, const char* op,
                                      bool check_values = true) {

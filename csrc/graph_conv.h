@@ -42,8 +42,6 @@ inline GcAggr parse_gc_aggr(std::string_view aggr) {
   TORCH_CHECK(false, "graph_conv: aggr must be one of 'max', 'mean', 'sum', 'gcn', got '", std::string(aggr), "'");
 }
 
-inline at::ScalarType gc_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // x's finiteness is checked here when check_x_finite, else by the aggregation kernel (the CPU
 // kernel does it in the pass that copies x into the GEMM input).
 inline void check_graph_conv_args(const at::Tensor& x, const at::Tensor& nbr, const at::Tensor& w_root,
@@ -235,7 +233,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_conv_forward_impl(
   at::Tensor agg = gcn ? xa : xa.narrow(2, d, d);
   at::Tensor xcopy = gcn ? at::Tensor() : xa.narrow(2, 0, d);
   if (G * N > 0 && d > 0) {
-    const GcGraph gr = build_gc_graph(nbr, aggr, reverse, gc_acc_type(x.scalar_type()), /*forward=*/true);
+    const GcGraph gr = build_gc_graph(nbr, aggr, reverse, compute_dtype(x.scalar_type()), /*forward=*/true);
     TORCH_CHECK(aggregate(x, gr, aggr, agg, argmax, xcopy), "graph_conv: x contains NaN or Inf");
   } else {
     agg.zero_();
@@ -303,7 +301,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_conv_backward_impl(
   }
   at::Tensor grad_x;
   if (M > 0 && d > 0) {
-    const GcGraph gr = build_gc_graph(nbr, aggr, reverse, gc_acc_type(xa.scalar_type()), /*forward=*/false);
+    const GcGraph gr = build_gc_graph(nbr, aggr, reverse, compute_dtype(xa.scalar_type()), /*forward=*/false);
     grad_x = aggregate_backward(gagg, direct, gr, aggr, argmax);
   } else {
     grad_x = at::zeros({G, N, d}, xa.options());

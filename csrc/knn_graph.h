@@ -49,10 +49,6 @@ inline void check_knn_args(const at::Tensor& x, int64_t k, bool check_values = t
 
 inline int64_t knn_num_candidates(int64_t k, int64_t N) { return std::min<int64_t>(N - 1, k + kKnnSlack); }
 
-inline at::ScalarType knn_compute_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // x * 2^-e in float64, with e the exponent of the largest |x| of each graph (l2: the distances of a graph
 // all scale by 2^-2e) or of each row (cosine: scale-free), so that every such largest entry lies in
 // [1/2, 1). A product by a power of two is exact (for float64 input, unless an entry lies some 2^1000

@@ -136,11 +136,6 @@ inline PairScoresArgs check_pair_scores_args(const at::Tensor& C, const at::Tens
   return a;
 }
 
-// half and bfloat16 are computed in float32 (like every kernel) and returned in their own dtype.
-inline at::ScalarType pair_scores_compute_dtype(const at::Tensor& C) {
-  return C.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline PairScoresArgs check_pair_scores_backward_args(const at::Tensor& grad, const at::Tensor& C, const at::Tensor& w1,
                                                       const at::Tensor& w2, const at::Tensor& nbr1,
                                                       const at::Tensor& nbr2) {

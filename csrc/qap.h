@@ -205,10 +205,8 @@ inline at::Tensor implicit_q_dense(const at::Tensor& H1, const at::Tensor& H2, c
                           c10::nullopt);
 }
 
-// Q as the solvers read it: float64 stays float64, every other dtype becomes float32; contiguous.
-inline at::Tensor solver_q_table(const at::Tensor& Q) {
-  return Q.scalar_type() == at::kDouble ? Q.contiguous() : Q.to(at::kFloat).contiguous();
-}
+// Q as the solvers read it: contiguous, in compute_dtype.
+inline at::Tensor solver_q_table(const at::Tensor& Q) { return Q.to(compute_dtype(Q.scalar_type())).contiguous(); }
 
 // The checked, converted inputs of a solve: U in float64, Q dense in float32/float64 (from H
 // when given), R starts per problem (1 when there is no quadratic term).
@@ -241,8 +239,8 @@ inline QapInputs prepare_qap(const at::Tensor& U, const at::Tensor& nbr1, const 
     in.Qt = solver_q_table(*Q);
     in.q_unchecked = defer_q_check;
   } else if (H1.has_value()) {
-    const bool dbl = H1->scalar_type() == at::kDouble || H2->scalar_type() == at::kDouble;
-    in.Qt = implicit_q_dense(*H1, *H2, in.n1, in.n2, dbl ? at::kDouble : at::kFloat);
+    const at::ScalarType ct = compute_dtype(at::promote_types(H1->scalar_type(), H2->scalar_type()));
+    in.Qt = implicit_q_dense(*H1, *H2, in.n1, in.n2, ct);
   }
   in.has_q = in.Qt.defined() && in.k > 0;
   if (!in.has_q) in.Qt = at::empty({0}, U.options().dtype(at::kFloat));

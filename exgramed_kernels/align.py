@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .checks import is_concrete
+from .checks import compute_dtype, is_concrete
 from .config import DEFAULTS, OP_FIELDS, AlignConfig
 
 
@@ -340,11 +340,6 @@ def align_problems(x, weights, unary_noise, quadratic_noise, dropout_mask, noise
     return hamming_to_identity(Z, dtype).sum() / (S * P), Z
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Scores and the solver run in fp32 (fp64 stays fp64), whatever the input or autocast would pick."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def autocast_off(device_type: str):
     """A context with autocast off on ``device_type``; nothing to turn off on a device without autocast (the
     meta device, where ``torch.autocast`` raises)."""
@@ -358,7 +353,7 @@ def _align_impl(x, w_root1, w_rel1, bias1, w_root2, w_rel2, bias2, unary_noise=N
     cfg = DEFAULTS.replace(**dict(zip(OP_FIELDS, args)), **kwargs)
     weights = (w_root1, w_rel1, bias1, w_root2, w_rel2, bias2)
     check_align_inputs(x, weights, unary_noise, quadratic_noise, dropout_mask, noise_seed, cfg)
-    dtype = compute_dtype(x)
+    dtype = compute_dtype(x.dtype)  # whatever the input or autocast would pick
     with autocast_off(x.device.type):
         return align_problems(x.to(dtype), weights, unary_noise, quadratic_noise, dropout_mask, noise_seed, cfg)
 

@@ -18,6 +18,12 @@ ESTIMATORS = ("imle", "blackbox", "imle_symmetric")
 MAX_RESTARTS = 1 << 16
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every kernel computes in (csrc/checks.h): float64 stays float64; float32, float16 and bfloat16
+    compute in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
@@ -233,7 +239,7 @@ def check_qap_args(U, nbr1, nbr2, Q=None, H1=None, H2=None, method="fw", max_ite
 def check_implicit_q_range(op, H1, H2) -> None:
     """The implicit Q squares the features' norms (the cross Gram, the squared edge lengths) in float32, or float64
     when either H is (csrc/qap.h): every entry below ``sqrt(max) / (2 sqrt(h))`` keeps those finite."""
-    dtype = torch.float64 if torch.float64 in (H1.dtype, H2.dtype) else torch.float32
+    dtype = compute_dtype(torch.promote_types(H1.dtype, H2.dtype))
     limit = math.sqrt(torch.finfo(dtype).max) / (2 * math.sqrt(max(1, H1.shape[-1])))
     for name, H in (("H1", H1), ("H2", H2)):
         largest = float(H.abs().amax()) if H.numel() else 0.0

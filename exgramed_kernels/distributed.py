@@ -50,8 +50,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .align import (INPUT_NAMES, align_problems, autocast_off, check_align_inputs, checked, compute_dtype,
-                    num_samples, problem_graphs)
+from .align import INPUT_NAMES, align_problems, autocast_off, check_align_inputs, checked, num_samples, problem_graphs
+from .checks import compute_dtype
 from .config import DEFAULTS, AlignConfig
 
 GRAPH_SCOPES = ("local", "global")
@@ -203,7 +203,7 @@ def global_align(x: torch.Tensor, w_root1: torch.Tensor, w_rel1: torch.Tensor, b
     K, N, _ = xg.shape
     P = len(problem_graphs(K, cfg.mode)[0])
     jobs = shard(num_samples(unary_noise, quadratic_noise, noise_seed) * P, world, rank)
-    dtype = compute_dtype(xg)
+    dtype = compute_dtype(xg.dtype)
     with autocast_off(xg.device.type):
         if jobs:
             # The estimator gets the single-process dL/dZ (_SumLosses); the scores' gradients get the factor W.

@@ -24,7 +24,7 @@ import torch
 
 from . import reference
 from ._backend import register_fallback, register_no_gradient
-from .checks import check_finite, check_index_range, check_pair_scores_args, check_sparse_grad_args
+from .checks import check_finite, check_index_range, check_pair_scores_args, check_sparse_grad_args, compute_dtype
 
 
 @torch.library.register_fake("exgramed::pair_scores")
@@ -33,18 +33,13 @@ def _pair_scores_fake(C, w1, w2, nbr1, nbr2, alpha=1.0, beta=0.0, noise=None, no
     return C.new_empty(P, Nk, Nk)
 
 
-def _compute_dtype(C: torch.Tensor) -> torch.dtype:
-    """float16 and bfloat16 are computed in float32, like the kernels."""
-    return torch.float64 if C.dtype == torch.float64 else torch.float32
-
-
 @register_fallback("pair_scores")
 def _pair_scores_reference(C, w1, w2, nbr1, nbr2, alpha=1.0, beta=0.0, noise=None, noise_scale=0.0,
                            noise_seed=None):
     check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed)
     check_index_range("pair_scores", C.shape[1], nbr1=nbr1, nbr2=nbr2)
     check_finite("pair_scores", C=C, w1=w1, w2=w2, noise=noise)
-    ct = _compute_dtype(C)
+    ct = compute_dtype(C.dtype)
     return reference.pair_scores(C.to(ct), w1.to(ct), w2.to(ct), nbr1, nbr2, alpha, beta,
                                  None if noise is None else noise.to(ct), noise_scale, noise_seed).to(C.dtype)
 
@@ -58,7 +53,7 @@ def _pair_scores_backward_fake(grad, C, w1, w2, nbr1, nbr2, alpha):
 @register_fallback("pair_scores_backward")
 def _pair_scores_backward_reference(grad, C, w1, w2, nbr1, nbr2, alpha):
     check_pair_scores_args(C, w1, w2, nbr1, nbr2, None, None, "pair_scores_backward")
-    ct = _compute_dtype(C)
+    ct = compute_dtype(C.dtype)
     with torch.enable_grad():
         ins = [t.detach().to(ct).requires_grad_() for t in (C, w1, w2)]
         Q = reference.pair_scores(*ins, nbr1, nbr2, alpha)

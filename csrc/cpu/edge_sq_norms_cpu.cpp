@@ -11,8 +11,8 @@
 namespace exgramed {
 namespace {
 
-// h as the kernels read it: contiguous, in edge_sq_norms_compute_dtype.
-at::Tensor edge_rows(const at::Tensor& h) { return h.to(edge_sq_norms_compute_dtype(h)).contiguous(); }
+// h as the kernels read it: contiguous, in compute_dtype.
+at::Tensor edge_rows(const at::Tensor& h) { return h.to(compute_dtype(h.scalar_type())).contiguous(); }
 
 // One task per node row: its k squared edge lengths, float64 sums in a fixed order (row_reductions.h).
 at::Tensor edge_sq_norms_cpu(const at::Tensor& h, const at::Tensor& nbr) {

@@ -105,7 +105,7 @@ at::Tensor knn_graph_cpu(const at::Tensor& x, int64_t k, c10::string_view metric
   at::parallel_for(0, G * N, 64, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) sp[q] = dot_f64(xs_p + q * d, xs_p + q * d, d);
   });
-  const KnnGramInputs in = knn_gram_inputs(xs, metric, sq64, knn_compute_dtype(x));
+  const KnnGramInputs in = knn_gram_inputs(xs, metric, sq64, compute_dtype(x.scalar_type()));
   const at::Tensor norms = sq64.sqrt();
   AT_DISPATCH_FLOATING_TYPES(in.xc.scalar_type(), "knn_graph_cpu", [&] {
     using acc_t = scalar_t;

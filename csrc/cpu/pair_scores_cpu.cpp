@@ -67,7 +67,7 @@ at::Tensor pair_scores_cpu(const at::Tensor& C, const at::Tensor& w1, const at::
   TORCH_CHECK(C.device().is_cpu(), "pair_scores: C must be a CPU tensor for the CPU kernel");
   const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed, "pair_scores");
   const int64_t P = a.P, N = a.N, k = a.k, Nk = a.Nk;
-  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  const at::ScalarType ct = compute_dtype(C.scalar_type());
   at::Tensor out = empty_reused({P, Nk, Nk}, C.options().dtype(ct));  // every element is written below
   if (out.numel() == 0) return out.to(C.scalar_type());
   const at::Tensor Cc = C.to(ct).contiguous(), w1c = w1.to(ct).contiguous(), w2c = w2.to(ct).contiguous();
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cpu(const at
   at::Tensor gw1 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
   at::Tensor gw2 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
   if (P * Nk == 0) return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
-  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  const at::ScalarType ct = compute_dtype(C.scalar_type());
   const at::Tensor g = grad.to(ct).contiguous();
   const at::Tensor Cc = C.to(ct).contiguous(), w1c = w1.to(ct).contiguous(), w2c = w2.to(ct).contiguous();
   const at::Tensor t1 = nbr1.contiguous(), t2 = nbr2.contiguous();
@@ -196,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_sparse_cpu(
   at::Tensor gw2 = at::zeros({P, Nk}, C.options().dtype(at::kDouble));
   const at::Tensor vd = values.to(at::kDouble).contiguous();
   const double* vp = vd.data_ptr<double>();
-  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  const at::ScalarType ct = compute_dtype(C.scalar_type());
   const at::Tensor Cc = C.to(ct).contiguous(), w1c = w1.to(ct).contiguous(), w2c = w2.to(ct).contiguous();
   const at::Tensor n1 = nbr1.contiguous(), n2 = nbr2.contiguous();
   const int64_t* t1 = n1.data_ptr<int64_t>();

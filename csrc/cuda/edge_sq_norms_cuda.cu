@@ -11,13 +11,13 @@ namespace {
 at::Tensor edge_sq_norms_cuda(const at::Tensor& h, const at::Tensor& nbr) {
   check_edge_sq_norms_args(h, nbr, "edge_sq_norms");
   const c10::cuda::CUDAGuard guard(h.device());
-  return edge_sq_norms_aten(h.to(edge_sq_norms_compute_dtype(h)), nbr).to(h.scalar_type());
+  return edge_sq_norms_aten(h.to(compute_dtype(h.scalar_type())), nbr).to(h.scalar_type());
 }
 
 at::Tensor edge_sq_norms_backward_cuda(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& nbr) {
   check_edge_sq_norms_backward_args(grad, h, nbr);
   const c10::cuda::CUDAGuard guard(h.device());
-  const at::ScalarType ct = edge_sq_norms_compute_dtype(h);
+  const at::ScalarType ct = compute_dtype(h.scalar_type());
   return edge_sq_norms_backward_aten(grad.to(ct), h.to(ct), nbr).to(h.scalar_type());
 }
 

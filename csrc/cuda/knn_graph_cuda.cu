@@ -147,7 +147,7 @@ at::Tensor knn_graph_cuda(const at::Tensor& x_in, int64_t k, c10::string_view me
   const at::Tensor xs = knn_scaled_input(x_in, metric);  // also the NaN/Inf check of x (one sync)
   const at::Tensor sq64 = xs.square().sum(-1);
   const at::Tensor norms = sq64.sqrt().contiguous();
-  const KnnGramInputs in = knn_gram_inputs(xs, metric, sq64, knn_compute_dtype(x_in));
+  const KnnGramInputs in = knn_gram_inputs(xs, metric, sq64, compute_dtype(x_in.scalar_type()));
   const int64_t C = knn_num_candidates(k, N);
   // Row blocks across all graphs bound the Gram buffer to ~2^26 entries.
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 26) / (G * N)));

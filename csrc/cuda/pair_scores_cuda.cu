@@ -45,7 +45,7 @@ at::Tensor pair_scores_cuda(const at::Tensor& C, const at::Tensor& w1, const at:
                             double noise_scale, const c10::optional<at::Tensor>& noise_seed) {
   const PairScoresArgs a = check_pair_scores_args(C, w1, w2, nbr1, nbr2, noise, noise_seed, "pair_scores");
   const c10::cuda::CUDAGuard guard(C.device());
-  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  const at::ScalarType ct = compute_dtype(C.scalar_type());
   at::Tensor out = at::empty({a.P, a.Nk, a.Nk}, C.options().dtype(ct));
   if (out.numel() == 0) return out.to(C.scalar_type());
   const at::Tensor Cc = C.to(ct).contiguous(), w1c = w1.to(ct).contiguous(), w2c = w2.to(ct).contiguous();
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_scores_backward_cuda(const a
                                                                          const at::Tensor& nbr2, double alpha) {
   check_pair_scores_backward_args(grad, C, w1, w2, nbr1, nbr2);
   const c10::cuda::CUDAGuard guard(C.device());
-  const at::ScalarType ct = pair_scores_compute_dtype(C);
+  const at::ScalarType ct = compute_dtype(C.scalar_type());
   const auto [gC, gw1, gw2] = pair_scores_backward_aten(grad, C.to(ct), w1.to(ct), w2.to(ct), nbr1, nbr2, alpha);
   return {gC.to(C.scalar_type()), gw1.to(C.scalar_type()), gw2.to(C.scalar_type())};
 }

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import compute_dtype
+
 
 def aggregation_edges(nbr: torch.Tensor, aggr: str, reverse: bool, acc_dtype: torch.dtype):
     """The messages ``x[src] -> node tgt`` of every graph, ``[G, N k]`` each, in the kernels' order, with
@@ -49,7 +51,7 @@ def aggregate(x: torch.Tensor, nbr: torch.Tensor, aggr: str, reverse: bool) -> t
     gives 0; gcn: the whole propagation ``D^-1/2 (A + I) D^-1/2 x``), and for max the winning message
     position int32 ``[G, N, d]`` (-1 for an empty neighbourhood; ``[0, N, d]`` for the other aggregations)."""
     G, N, d = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x.dtype)
     src, tgt, w, selfw = aggregation_edges(nbr, aggr, reverse, acc)
     E = src.shape[1]
     xs = x.to(acc)
@@ -99,7 +101,7 @@ def graph_conv_backward(grad_out, out, xa, argmax, nbr, w_root, w_rel, aggr, rev
         gp = torch.where(out > 0, gp, torch.zeros_like(gp))
     gw = xa.flatten(0, 1).t() @ gp.flatten(0, 1)
     gb = gp.sum((0, 1))
-    acc = torch.float64 if xa.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(xa.dtype)
     gagg = (gp @ w_rel.t()).to(acc)
     gx = torch.zeros(G, N, d, dtype=acc, device=xa.device) if aggr == "gcn" else (gp @ w_root.t()).to(acc)
     src, tgt, w, selfw = aggregation_edges(nbr, aggr, reverse, acc)

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from . import launchable
-from ..checks import check_graph_conv_args
+from ..checks import check_graph_conv_args, compute_dtype
 from ..reference.graph_conv import aggregation_edges
 
 BLOCK_D = 64
@@ -122,7 +122,7 @@ def graph_conv_forward_triton(
     agg = torch.empty_like(xc)
     argmax = torch.empty((G if aggr == "max" else 0, N, d), dtype=torch.int32, device=x.device)
     if G * N > 0 and d > 0:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(x.dtype)
         ptr, col, w, selfw, _, _, _ = _csr(nbr, aggr, reverse, acc)
         dummy = ptr
         grid = (G * N, triton.cdiv(d, BLOCK_D))
@@ -174,7 +174,7 @@ def graph_conv_backward_triton(
     gagg = (gp @ w_rel.t()).reshape(G, N, d).contiguous()
     gx = torch.zeros_like(x) if aggr == "gcn" else (gp @ w_root.t()).reshape(G, N, d)
     if G * N > 0 and d > 0:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(x.dtype)
         _, _, w, selfw, tptr, tcol, tpos = _csr(nbr, aggr, reverse, acc)
         back = torch.empty_like(gagg)
         dummy = tptr
