@@ -45,6 +45,27 @@ def test_matches_reference(device, dtype, P, N, k, noise):
     assert rel_err(got.cpu(), want) < tol
 
 
+@pytest.mark.parametrize("P, N, k", [(2, 13, 5), (2, 29, 2), (1, 31, 1), (3, 40, 3)])
+def test_float32_cpu_rounds_every_operation_as_written(P, N, k):
+    """The float32 CPU kernel equals its formula evaluated one rounded operation at a time, in its order
+    (``((alpha w1) w2) (D_a - D_b) + beta + noise_scale n``, D = C_i. - C_j.), bit for bit at every entry:
+    no multiply-add is fused, so no entry's bits depend on the CPU or on where it falls in a vectorised
+    loop (N k = 65, 58, 31, 120: loop bodies, 256-bit epilogues and scalar tails)."""
+    gen = torch.Generator().manual_seed(N * k)
+    C, w1, w2, n1, n2 = inputs(P, N, k, gen, torch.float32)
+    noise = torch.randn(P, N * k, N * k, generator=gen)
+    alpha, beta, scale = 0.7, -0.3, 0.45
+    got = ek.pair_scores(C, w1, w2, n1, n2, alpha, beta, noise, scale)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    Nk = N * k
+    heads = torch.arange(Nk) // k
+    D = C[:, heads] - torch.gather(C, 1, n1.reshape(P, Nk, 1).expand(P, Nk, N))  # [P, Nk, N]: D of edge e
+    diff = D[:, :, heads] - torch.gather(D, 2, n2.reshape(P, 1, Nk).expand(P, Nk, Nk))
+    want = ((f32(alpha) * w1).unsqueeze(2) * w2.unsqueeze(1)) * diff + f32(beta)
+    want = want + f32(scale) * noise
+    assert torch.equal(got, want)
+
+
 @pytest.mark.skipif(os.environ.get("EXGRAMED_BUFFER_POOL") == "0", reason="the buffer pool is turned off")
 def test_large_output_reuses_its_buffer_and_rewrites_all_of_it():
     """Tables of >= 4 MiB come from a pool of reused CPU blocks (csrc/cpu/buffer_pool.h): a freed table's
