@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "graph_conv.h"
+#include "multiversion.h"
 
 namespace exgramed {
 namespace {
@@ -23,8 +24,8 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 
 inline int64_t gc_grain(int64_t d, int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * (k + 1))); }
 
-// ---- row primitives: branch-free loops the compiler vectorises; float/double get AVX-512 and
-// AVX2 clones picked at load time (the extension itself is built for baseline x86-64). ----
+// ---- row primitives: branch-free loops the compiler vectorises; float/double get the clones of
+// multiversion.h, picked at load time (the extension itself is built for baseline x86-64). ----
 
 template <typename T, typename A>
 inline void row_max_step(const T* __restrict xr, A* __restrict best, int32_t* __restrict arg,
@@ -69,26 +70,20 @@ inline int32_t row_copy_check(T* __restrict dst, const T* __restrict src, int64_
   return bad;
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define GC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GC_CLONES
-#endif
-
-#define GC_SPECIALISE(T, A)                                                                                       \
-  GC_CLONES void row_max_step(const T* __restrict xr, A* __restrict best, int32_t* __restrict arg,              \
-                              int32_t* __restrict bc, int64_t d, int32_t p, int32_t c) {                        \
-    row_max_step<T, A>(xr, best, arg, bc, d, p, c);                                                             \
-  }                                                                                                             \
-  GC_CLONES void row_axpy(A* __restrict acc, const T* __restrict xr, A w, int64_t d) {                          \
-    row_axpy<T, A>(acc, xr, w, d);                                                                              \
-  }                                                                                                             \
-  GC_CLONES void row_masked_add(A* __restrict acc, const T* __restrict g, const int32_t* __restrict a, int32_t p, \
-                                int64_t d) {                                                                    \
-    row_masked_add<T, A>(acc, g, a, p, d);                                                                      \
-  }                                                                                                             \
-  GC_CLONES int32_t row_copy_check(T* __restrict dst, const T* __restrict src, int64_t d) {                     \
-    return row_copy_check<T, A>(dst, src, d);                                                                   \
+#define GC_SPECIALISE(T, A)                                                                                        \
+  EXGRAMED_MULTIVERSION void row_max_step(const T* __restrict xr, A* __restrict best, int32_t* __restrict arg,     \
+                                          int32_t* __restrict bc, int64_t d, int32_t p, int32_t c) {               \
+    row_max_step<T, A>(xr, best, arg, bc, d, p, c);                                                                \
+  }                                                                                                                \
+  EXGRAMED_MULTIVERSION void row_axpy(A* __restrict acc, const T* __restrict xr, A w, int64_t d) {                 \
+    row_axpy<T, A>(acc, xr, w, d);                                                                                 \
+  }                                                                                                                \
+  EXGRAMED_MULTIVERSION void row_masked_add(A* __restrict acc, const T* __restrict g, const int32_t* __restrict a, \
+                                            int32_t p, int64_t d) {                                                \
+    row_masked_add<T, A>(acc, g, a, p, d);                                                                         \
+  }                                                                                                                \
+  EXGRAMED_MULTIVERSION int32_t row_copy_check(T* __restrict dst, const T* __restrict src, int64_t d) {            \
+    return row_copy_check<T, A>(dst, src, d);                                                                      \
   }
 GC_SPECIALISE(float, float)
 GC_SPECIALISE(double, double)

@@ -1,6 +1,6 @@
 // Row reductions (row_reductions.h): exact-order float64 sums of two rows, and the finiteness test of
-// a buffer. target_clones compiles AVX-512 and AVX2/FMA copies next to the baseline one and picks at
-// load time, so the loops vectorise where the CPU allows (baseline x86-64 has no 64-bit compare).
+// a buffer. EXGRAMED_MULTIVERSION compiles AVX-512 and x86-64-v3 copies next to the baseline one and picks
+// at load time, so the loops vectorise where the CPU allows (baseline x86-64 has no 64-bit compare).
 #include "row_reductions.h"
 
 #include "multiversion.h"
