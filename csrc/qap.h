@@ -129,7 +129,7 @@ inline QapMethod check_qap_args(const at::Tensor& U, const at::Tensor& nbr1, con
                 H1->sizes(), " and ", H2->sizes());
     // The implicit Q squares the features' norms (the cross Gram, the squared edge lengths) in float32, or
     // float64 when either H is: every entry finite and below sqrt(max) / (2 sqrt(h)) keeps those finite.
-    const bool dbl = H1->scalar_type() == at::kDouble || H2->scalar_type() == at::kDouble;
+    const bool dbl = compute_dtype(at::promote_types(H1->scalar_type(), H2->scalar_type())) == at::kDouble;
     const double limit = std::sqrt(dbl ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max()) /
                          (2.0 * std::sqrt(static_cast<double>(std::max<int64_t>(1, H1->size(2)))));
     for (const auto& [h, name] : {std::pair<const at::Tensor&, const char*>(*H1, "H1"), {*H2, "H2"}}) {
